@@ -1,0 +1,222 @@
+"""The wafer-map classifier: a torchvision ResNet, its versions on disk, and batched prediction.
+
+Layer L1 (torch). Input is the (n, S, S) uint8 die-code array from `backend.encoding`; the network
+sees it one-hot (3 channels), channels_last, under bf16 autocast on CPUs with bf16 instructions
+and on GPUs. The classification head always runs in float32 so that probabilities near 1, on
+which the uncertainty thresholds act, keep their precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torchvision import models
+from tqdm import tqdm
+
+from backend.encoding import N_CHANNELS
+
+CHECKPOINT_FORMAT = 1
+
+
+class Float32Head(nn.Module):
+    """The final linear layer, kept out of autocast."""
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.linear(features.float())
+
+
+def build_network(
+    backbone: str, n_classes: int, seed: int, weights_path: Path | None = None
+) -> nn.Module:
+    """A freshly initialised ResNet (no downloaded weights) with one output per failure type.
+
+    `weights_path` optionally points at a local torchvision state dict (e.g. ImageNet weights a
+    fab copied in); its classification layer is dropped. Initialisation uses its own seed and
+    leaves the global random state as it was.
+    """
+    constructors = {"resnet50": models.resnet50, "resnet18": models.resnet18}
+    if backbone not in constructors:
+        raise ValueError(f"unknown backbone {backbone!r}; choose {', '.join(constructors)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = constructors[backbone](weights=None)
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = network.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("fc.") for k in missing):
+                raise ValueError(
+                    f"{weights_path} does not fit {backbone}: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
+        network.fc = Float32Head(network.fc.in_features, n_classes)
+    return network
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU on this machine")
+    return torch.device(name)
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast where it is fast (GPUs, bf16 CPUs), a no-op elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_inputs(codes: torch.Tensor) -> torch.Tensor:
+    """(n, S, S) uint8 die codes on the device -> (n, 3, S, S) float one-hot, channels_last."""
+    hot = F.one_hot(codes.long(), N_CHANNELS).permute(0, 3, 1, 2).float()
+    return hot.contiguous(memory_format=torch.channels_last)
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} cannot go into a model card")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to use a model version besides its weights."""
+
+    version: str
+    failure_types: tuple[str, ...]
+    image_size: int
+    backbone: str
+    logit_adjustment: tuple[float, ...]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+    created: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only, as `torch.load(weights_only=True)` accepts nothing else."""
+        return json.loads(json.dumps(asdict(self), default=_plain))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        return cls(
+            version=str(data["version"]),
+            failure_types=tuple(data["failure_types"]),
+            image_size=int(data["image_size"]),
+            backbone=str(data["backbone"]),
+            logit_adjustment=tuple(float(x) for x in data["logit_adjustment"]),
+            metrics=dict(data.get("metrics", {})),
+            training=dict(data.get("training", {})),
+            created=str(data.get("created", "")),
+        )
+
+
+@dataclass
+class WaferClassifier:
+    """A network with its card, on a device, ready to predict."""
+
+    network: nn.Module
+    card: ModelCard
+    device: torch.device
+
+    def predict_proba(
+        self, codes: npt.NDArray[np.uint8], batch_size: int = 256, progress: str | None = None
+    ) -> npt.NDArray[np.float64]:
+        """Softmax probabilities (n, classes) for die codes (n, S, S), in batches.
+
+        The card's logit adjustment undoes the class prior that balanced sampling taught the
+        network, so probabilities refer to the real mix of failure types.
+        """
+        size = self.card.image_size
+        if codes.ndim != 3 or codes.shape[1:] != (size, size):
+            raise ValueError(f"expected die codes (n, {size}, {size}), got {codes.shape}")
+        adjust = torch.tensor(self.card.logit_adjustment, device=self.device)
+        out = np.empty((len(codes), len(self.card.failure_types)), dtype=np.float64)
+        self.network.eval()
+        steps = batches(len(codes), batch_size)
+        with torch.inference_mode(), autocast(self.device):
+            for part in tqdm(list(steps), desc=progress, disable=progress is None, leave=False):
+                x = torch.from_numpy(codes[part]).to(self.device, non_blocking=True)
+                logits = self.network(to_inputs(x)).float() + adjust
+                out[part] = torch.softmax(logits, dim=1).double().cpu().numpy()
+        return out
+
+
+def save_version(classifier: WaferClassifier, path: Path) -> Path:
+    """Write a model version atomically: a temporary file beside `path`, then a rename.
+
+    A crash mid-write leaves the previous file (if any) untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "card": classifier.card.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in classifier.network.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_version(path: Path, device: torch.device) -> WaferClassifier:
+    """Read a model version written by `save_version`; errors say what is wrong with the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"{path} is not a readable model version: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a model version of format {CHECKPOINT_FORMAT}")
+    card = ModelCard.from_dict(payload["card"])
+    network = build_network(card.backbone, len(card.failure_types), seed=0)
+    network.load_state_dict(payload["state_dict"])
+    network.to(device).to(memory_format=torch.channels_last)
+    return WaferClassifier(network=network, card=card, device=device)

@@ -1,0 +1,220 @@
+"""Command-line interface: `python -m backend <command>`. Layer L3.
+
+Commands:
+  convert        read a wafer-map file once into the cache and print what was found
+  simulate       run the uncertainty-labeling study over the wafer sets (resumable)
+  compare-sizes  accuracy and speed of the model input sizes on one split (benchmark)
+  settings       print the settings the environment gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from backend.label_config import LabelConfig, parse_label_config
+from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, Settings
+from backend.sources import LoadReport, load_wafers
+from backend.splits import SetOrder
+from backend.uncertainty import Measure
+from backend.wafers import WaferMaps
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env(os.environ)
+    overrides = {
+        "data_path": args.data,
+        "cache_dir": getattr(args, "cache_dir", None),
+        "image_size": getattr(args, "image_size", None),
+        "backbone": getattr(args, "backbone", None),
+        "device": getattr(args, "device", None),
+        "weights_path": getattr(args, "weights", None),
+    }
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _label_config(settings: Settings) -> LabelConfig:
+    return parse_label_config(settings.label_config_path.read_text())
+
+
+def _load(settings: Settings, labels: LabelConfig) -> tuple[WaferMaps, LoadReport]:
+    wafers, report = load_wafers(settings.data_path, labels.failure_types, settings.cache_dir)
+    print(report.summary(), file=sys.stderr)
+    return wafers, report
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="LSWMD.pkl, LSWMD.zip or .npz (env WAFER_DATA)")
+    p.add_argument("--cache-dir", type=Path, help="converted-data cache (env WAFER_CACHE_DIR)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE, 64)")
+    p.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (resnet50)")
+    p.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
+    p.add_argument("--weights", type=Path, help="local weights file for the backbone")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per training phase (5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="read a wafer-map file once into the cache")
+    _add_data_flags(convert)
+
+    sim = sub.add_parser("simulate", help="run the uncertainty-labeling study")
+    _add_data_flags(sim)
+    _add_model_flags(sim)
+    sim.add_argument(
+        "--subsample",
+        type=float,
+        default=1.0,
+        help="stratified fraction of the labelled wafers to use (1.0 = all 172,950)",
+    )
+    sim.add_argument(
+        "--sets", type=int, default=9, help="number of wafer sets after the initial set"
+    )
+    sim.add_argument("--initial-fraction", type=float, default=0.1)
+    sim.add_argument(
+        "--set-order",
+        choices=[o.value for o in SetOrder],
+        default="random",
+        help="random sets (seeded) or consecutive blocks in dataset order",
+    )
+    sim.add_argument(
+        "--retrain",
+        choices=["scratch", "warm"],
+        default="scratch",
+        help="new model every set (the study) or continue the previous one",
+    )
+    sim.add_argument(
+        "--loops",
+        default="least-confidence,margin,entropy,calibrated,auto-labeling",
+        help="comma-separated methods that run their own retraining loop",
+    )
+    sim.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.995,
+        help="labeling accuracy the calibrated method must reach (0.995)",
+    )
+    sim.add_argument("--calibration-measure", choices=[m.value for m in Measure], default="margin")
+    sim.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="confidence of the calibrated accuracy bound (0.9; 0.5 = point estimate)",
+    )
+    sim.add_argument("--validation-fraction", type=float, default=0.1)
+    sim.add_argument("--balance", choices=["sqrt", "inverse", "none"], default="sqrt")
+    sim.add_argument("--no-augment", action="store_true", help="no rotations/mirrorings")
+    sim.add_argument("--out", type=Path, default=Path("runs/study"), help="run directory")
+
+    sizes = sub.add_parser("compare-sizes", help="accuracy and speed per model input size")
+    _add_data_flags(sizes)
+    _add_model_flags(sizes)
+    sizes.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    sizes.add_argument("--subsample", type=float, default=0.02)
+    sizes.add_argument("--test-fraction", type=float, default=0.3)
+
+    settings = sub.add_parser("settings", help="print the settings from the environment")
+    settings.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished sets are kept; run the same command to resume", file=sys.stderr
+        )
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.command == "settings":
+        for name, text in ENVIRONMENT.items():
+            print(f"{name:18} {os.environ.get(name, '')!r:24} {text}")
+        print(settings)
+        return 0
+    labels = _label_config(settings)
+    if args.command == "convert":
+        _load(settings, labels)
+        return 0
+    from backend.study import torch_threads
+
+    torch_threads()
+    if args.command == "compare-sizes":
+        from backend.size_benchmark import compare_sizes
+
+        wafers, _ = _load(settings, labels)
+        print(
+            compare_sizes(
+                wafers,
+                labels,
+                args.sizes,
+                args.subsample,
+                args.test_fraction,
+                settings.backbone,
+                args.epochs,
+                args.batch_size,
+                settings.device,
+                args.seed,
+            )
+        )
+        return 0
+    return _simulate(args, settings, labels)
+
+
+def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.study import Study, StudyConfig
+
+    config = StudyConfig(
+        subsample=args.subsample,
+        initial_fraction=args.initial_fraction,
+        sets=args.sets,
+        set_order=args.set_order,
+        image_size=settings.image_size,
+        backbone=settings.backbone,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        balance=args.balance,
+        augment=not args.no_augment,
+        retrain=args.retrain,
+        validation_fraction=args.validation_fraction,
+        loops=tuple(x.strip() for x in args.loops.split(",") if x.strip()),
+        target_accuracy=args.target_accuracy,
+        calibration_measure=args.calibration_measure,
+        confidence=args.confidence,
+        seed=args.seed,
+        device=settings.device,
+        weights_path=str(settings.weights_path) if settings.weights_path else None,
+        data=str(settings.data_path.resolve()),
+    )
+    wafers, _ = _load(settings, labels)
+    start = time.perf_counter()
+    study = Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+    study.prepare()
+    study.run()
+    minutes = (time.perf_counter() - start) / 60
+    print((args.out / "results.md").read_text())
+    print(f"study took {minutes:.1f} min; results, manifests and plots in {args.out}/")
+    return 0

@@ -1,0 +1,94 @@
+"""PNG plots of a labeling study (matplotlib, no display needed). Layer L1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from backend.report import STUDY_REFERENCE
+
+
+def accuracy_vs_engineer_ratio(methods: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Every method as a point: labeling accuracy against the share of engineer labels."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for m in methods:
+        ax.scatter(100 * m["engineer_ratio"], 100 * m["accuracy"], s=60, label=m["name"])
+    for r in STUDY_REFERENCE:
+        ax.scatter(
+            100 * r["engineer_ratio"],
+            100 * r["accuracy"],
+            s=60,
+            facecolors="none",
+            edgecolors="black",
+            label=r["name"] + " (published)",
+        )
+    ax.set_xlabel("engineer labels (% of wafers)")
+    ax.set_ylabel("labeling accuracy (%)")
+    ax.set_title("Labeling accuracy against engineer effort (up and left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def engineer_labels_per_set(methods: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Engineer labels needed in each set: falling lines mean the retrained model learns."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in methods:
+        sets = [s["set"] for s in m["per_set"]]
+        ax.plot(sets, [s["engineer_labels"] for s in m["per_set"]], marker="o", label=m["name"])
+    ax.set_xlabel("wafer set")
+    ax.set_ylabel("engineer labels")
+    ax.set_title("Engineer labels per set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def auto_label_confusion(
+    methods: Sequence[dict[str, Any]], failure_types: Sequence[str], path: Path
+) -> Path:
+    """True failure type against auto label, for the wafers each method labelled itself."""
+    shown = [m for m in methods if m["auto_labels"] > 0]
+    cols = max(1, min(3, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, shown, strict=False):
+        ax.set_visible(True)
+        cm = np.asarray(m["auto_label_confusion"])
+        ax.imshow(np.log1p(cm), cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="red" if i != j else "black",
+                )
+        ax.set_xticks(range(len(failure_types)), failure_types, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(failure_types)), failure_types, fontsize=7)
+        ax.set_xlabel("auto label")
+        ax.set_ylabel("true failure type")
+        ax.set_title(
+            f"{m['name']}\n{m['auto_labels']:,} auto labels, {m['errors']} wrong", fontsize=8
+        )
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,233 @@
+"""The public WM-811K file ``LSWMD.pkl``, read as a plain ``.pkl`` or streamed out of ``LSWMD.zip``
+(layer L1; the only module that imports pandas).
+
+The file is a pandas DataFrame pickled under Python 2 with pandas ~0.19: 811,457 rows with columns
+``waferMap`` (2-D uint8 die map), ``dieSize``, ``lotName``, ``waferIndex`` (float 1-25),
+``trianTestLabel`` (sic) and ``failureType`` (a nested array such as ``[['none']]``, or an empty
+array for the 638,507 unlabelled wafers). Unpickling takes ~12 s and ~2.7 GB; the frame is freed as
+soon as the labelled die maps are copied out.
+
+Unpickling runs code named in the file: read only files you trust. The unpickler accepts numpy,
+pandas and pyarrow classes and a few harmless builtins, and refuses everything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import io
+import pickle
+import sys
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from tqdm import tqdm
+
+from backend.sources.cache import LoadReport, label_codes, sort_report, wanted_rows
+from backend.wafers import MAX_DIE_VALUE, WaferMaps
+
+COLUMNS = ("waferMap", "lotName", "waferIndex", "failureType")
+READ_BUFFER_BYTES = 4 << 20  # a small-read stream out of zipfile is ~3x slower to unpickle
+_LEGACY_PACKAGE = "pandas.indexes"
+_MOVED_PACKAGE = "pandas.core.indexes"
+_LEGACY_INDEX_CLASSES = frozenset({"Int64Index", "Float64Index", "UInt64Index"})
+_TRUSTED_PACKAGES = frozenset({"numpy", "pandas", "pyarrow"})
+_TRUSTED_BUILTINS = frozenset(
+    {"slice", "bytes", "bytearray", "complex", "set", "frozenset", "object", "range"}
+)
+_TRUSTED_GLOBALS = frozenset(
+    {("_codecs", "encode"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor")}
+)
+
+
+class LegacyPandasUnpickler(pickle.Unpickler):
+    """Unpickler for pandas-0.19 pickles on today's pandas; open it with ``encoding="latin1"``.
+
+    ``pandas.indexes.*`` moved to ``pandas.core.indexes.*``, and ``Int64Index`` / ``Float64Index`` /
+    ``UInt64Index`` were folded into ``pandas.Index``. Classes outside numpy, pandas, pyarrow and a
+    few builtins raise ``pickle.UnpicklingError``.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _LEGACY_INDEX_CLASSES:
+            return pd.Index
+        if module == _LEGACY_PACKAGE or module.startswith(_LEGACY_PACKAGE + "."):
+            module = _MOVED_PACKAGE + module[len(_LEGACY_PACKAGE) :]
+        if not _trusted(module, name):
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a wafer-map file")
+        return super().find_class(module, name)
+
+
+def _trusted(module: str, name: str) -> bool:
+    """Whether a class or function named in the pickle may be loaded."""
+    if module.split(".", 1)[0] in _TRUSTED_PACKAGES:
+        return True
+    if module in ("builtins", "__builtin__"):
+        return name in _TRUSTED_BUILTINS
+    return (module, name) in _TRUSTED_GLOBALS
+
+
+def read_lswmd(
+    path: Path, classes: Sequence[str], *, keep_unlabelled: bool = False, progress: bool = True
+) -> tuple[WaferMaps, LoadReport]:
+    """Wafers of ``LSWMD.pkl`` / ``LSWMD.zip`` whose failure type is in ``classes``, in file order.
+
+    Rows without a failure type are skipped unless ``keep_unlabelled`` (then label -1). Rows with
+    a failure type not in ``classes``, or an empty or invalid die map, are dropped and counted in the
+    report. ``source_row`` is the row number in the pickle. Raises ``ValueError`` if the file is not
+    a WM-811K frame (no DataFrame, or a missing column).
+    """
+    start = time.perf_counter()
+    frame = read_frame(path, progress=progress)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a WM-811K frame, columns {missing} are missing")
+    texts = np.array([_cell_text(v) for v in frame["failureType"].to_numpy()], dtype=np.str_)
+    codes = label_codes(texts, tuple(classes))
+    wanted = wanted_rows(codes, keep_unlabelled)
+    rows = np.flatnonzero(wanted)
+    die_maps = frame["waferMap"].to_numpy()[rows]
+    lots = np.array(
+        [v if isinstance(v, str) else "" for v in frame["lotName"].to_numpy()[rows]], dtype=np.str_
+    )
+    slots = pd.to_numeric(frame["waferIndex"], errors="coerce").to_numpy(dtype=np.float64)[rows]
+    del frame
+    gc.collect()  # the other ~640k die maps and the frame itself: ~2.4 GB back before copying
+    _return_freed_memory()
+    kept_rows, flat, offsets, shapes = _copy_die_maps(die_maps, progress)
+    del die_maps
+    _return_freed_memory()
+    kept = np.zeros(codes.shape[0], dtype=np.bool_)
+    kept[rows[kept_rows]] = True
+    wafers = WaferMaps(
+        flat=flat,
+        offsets=offsets,
+        shapes=shapes,
+        labels=codes[rows[kept_rows]],
+        classes=tuple(classes),
+        lots=lots[kept_rows],
+        wafer_index=_slot_numbers(slots[kept_rows]),
+        source_row=rows[kept_rows].astype(np.int64),
+    )
+    report = sort_report(str(path), texts, codes, wanted, kept, time.perf_counter() - start)
+    return wafers, report
+
+
+def read_frame(path: Path, *, progress: bool = True) -> pd.DataFrame:
+    """The raw WM-811K DataFrame from a ``.pkl``, or from the one ``.pkl`` inside a ``.zip``."""
+    if progress:
+        print(f"unpickling {path.name} (about 15-40 s, ~2.7 GB of memory) ...", file=sys.stderr)
+    with _open_pickle(path) as stream:
+        frame = LegacyPandasUnpickler(stream, encoding="latin1").load()
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{path}: holds a {type(frame).__name__}, not a pandas DataFrame")
+    return frame
+
+
+@contextmanager
+def _open_pickle(path: Path) -> Iterator[IO[bytes]]:
+    """A buffered binary stream of the pickle, decompressed on the fly when ``path`` is a zip."""
+    if path.suffix.lower() != ".zip":
+        with path.open("rb", buffering=READ_BUFFER_BYTES) as f:
+            yield f
+        return
+    with zipfile.ZipFile(path) as archive:
+        member = _pickle_member(path, archive)
+        with archive.open(member) as raw:
+            # ZipExtFile reads like a raw stream; pickle's many small reads need a big buffer
+            yield io.BufferedReader(cast(io.RawIOBase, raw), buffer_size=READ_BUFFER_BYTES)
+
+
+def _pickle_member(path: Path, archive: zipfile.ZipFile) -> str:
+    """The ``.pkl`` inside the zip: ``LSWMD.pkl`` if present, else the only ``.pkl``."""
+    names = [
+        n
+        for n in archive.namelist()
+        if n.lower().endswith(".pkl") and not n.startswith("__MACOSX/")
+    ]
+    preferred = [n for n in names if Path(n).name == "LSWMD.pkl"]
+    if len(preferred) == 1:
+        return preferred[0]
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"{path}: expected one .pkl inside (LSWMD.pkl), found {names or 'none'}")
+
+
+def _slot_numbers(slots: npt.NDArray[np.float64]) -> npt.NDArray[np.int16]:
+    """``waferIndex`` floats (1.0-25.0) as int16; missing or nonsense values become 0 (unknown)."""
+    valid = np.isfinite(slots) & (slots >= 0) & (slots <= np.iinfo(np.int16).max)
+    return np.where(valid, np.round(slots), 0).astype(np.int16)
+
+
+def _cell_text(cell: object) -> str:
+    """The text of a ``failureType`` cell: ``[['Center']]`` -> 'Center', empty/NaN/None -> ''."""
+    if isinstance(cell, np.ndarray):
+        if cell.size == 0:
+            return ""
+        cell = cell.reshape(-1)[0]
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        return ""
+    return str(cell)
+
+
+def _copy_die_maps(
+    die_maps: npt.NDArray[np.object_], progress: bool
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int32]
+]:
+    """Copy the usable die maps end to end; returns their positions in ``die_maps`` and the arrays.
+
+    Usable: a non-empty 2-D integer array with values 0..2 and at least one die on the wafer.
+    """
+    n = die_maps.shape[0]
+    sizes = np.fromiter(
+        (m.size if isinstance(m, np.ndarray) else 0 for m in die_maps), dtype=np.int64, count=n
+    )
+    flat = np.empty(int(sizes.sum()), dtype=np.uint8)
+    shapes = np.zeros((n, 2), dtype=np.int32)
+    ok = np.zeros(n, dtype=np.bool_)
+    end = 0
+    for i, m in enumerate(
+        tqdm(die_maps, desc="copying die maps", disable=not progress, unit="wafer")
+    ):
+        if not _usable(m):
+            continue
+        h, w = m.shape
+        flat[end : end + m.size].reshape(h, w)[...] = m
+        shapes[i] = (h, w)
+        ok[i] = True
+        end += m.size
+    kept_rows = np.flatnonzero(ok)
+    offsets = np.zeros(kept_rows.size + 1, dtype=np.int64)
+    np.cumsum(sizes[kept_rows], out=offsets[1:])
+    packed = flat if end == flat.size else flat[:end].copy()
+    return kept_rows, packed, offsets, shapes[kept_rows]
+
+
+def _usable(m: object) -> bool:
+    if not isinstance(m, np.ndarray) or m.ndim != 2 or m.size == 0 or m.dtype.kind not in "biu":
+        return False
+    if m.dtype == np.uint8:
+        return 0 < int(m.max()) <= MAX_DIE_VALUE
+    return int(m.min()) >= 0 and 0 < int(m.max()) <= MAX_DIE_VALUE
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS; a no-op where that is not available.
+
+    The frame is ~800k small objects: once freed, glibc keeps ~2 GB in the heap (RSS stays at
+    2.4 GB) unless trimmed; trimmed, the process drops to the ~0.3 GB it still uses.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return

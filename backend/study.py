@@ -1,0 +1,559 @@
+"""The uncertainty-labeling study, reproduced: train, predict a set, route, count; set after set.
+
+Layer L2 (combines the torch classifier, the data and the pure core).
+
+Loops (each feeds its own labels back into training, as the study did, one loop per method):
+- `least-confidence`, `margin`, `entropy`: the study's hand-set thresholds;
+- `calibrated`: ours: the threshold is chosen per set on held-out labelled wafers so that the
+  set's labeling accuracy meets `target_accuracy` with `confidence` (backend.calibration);
+- `auto-labeling`: baseline, argmax for every wafer, no engineer.
+Baselines that need no loop of their own, computed on the same split:
+- Reject Option: the model trained once on the initial set, each study threshold applied to every
+  set without retraining;
+- Random routing: per set, as many engineer labels as a measure used, picked at random, applied to
+  that measure's predictions (its labels are not fed back);
+- Active Learning: engineers label everything.
+Set 1 is predicted by one model trained on the initial set, shared by every loop.
+A run writes one file per finished phase under DIR/phases and resumes from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from backend import plots
+from backend.calibration import calibrate
+from backend.classifier import (
+    ModelCard,
+    WaferClassifier,
+    build_network,
+    load_version,
+    pick_device,
+    save_version,
+)
+from backend.encoding import encode_wafers
+from backend.label_config import LabelConfig
+from backend.report import SetOutcome, markdown, summarize
+from backend.routing import STUDY_RULES, RoutingRule
+from backend.splits import (
+    SetOrder,
+    StudySplit,
+    stratified_sample,
+    stratified_train_val,
+    study_split,
+)
+from backend.training import TrainConfig, logit_adjustment, train_network
+from backend.uncertainty import Measure, uncertainty
+from backend.wafers import WaferMaps
+
+STUDY_LOOPS = ("least-confidence", "margin", "entropy")
+ALL_LOOPS = (*STUDY_LOOPS, "calibrated", "auto-labeling")
+RETRAIN = ("scratch", "warm")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that decides a study's numbers (saved as DIR/config.json)."""
+
+    subsample: float = 1.0
+    initial_fraction: float = 0.1
+    sets: int = 9
+    set_order: str = SetOrder.RANDOM.value
+    image_size: int = 64
+    backbone: str = "resnet50"
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    balance: str = "sqrt"
+    augment: bool = True
+    retrain: str = "scratch"
+    validation_fraction: float = 0.1
+    loops: tuple[str, ...] = ALL_LOOPS
+    target_accuracy: float = 0.995
+    calibration_measure: str = Measure.MARGIN.value
+    confidence: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    weights_path: str | None = None
+    data: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.subsample <= 1:
+            raise ValueError("subsample is a fraction in (0, 1]")
+        if self.retrain not in RETRAIN:
+            raise ValueError(f"retrain must be one of {', '.join(RETRAIN)}")
+        unknown = set(self.loops) - set(ALL_LOOPS)
+        if unknown or not self.loops:
+            raise ValueError(f"unknown loops {sorted(unknown)}; choose from {', '.join(ALL_LOOPS)}")
+        if self.sets < 1:
+            raise ValueError("need at least one wafer set")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["loops"] = list(self.loops)
+        return data
+
+
+@dataclass
+class Phase:
+    """What one loop did with one set (saved as DIR/phases/<loop>/set<k>.npz)."""
+
+    probs: npt.NDArray[np.float64]
+    engineer: npt.NDArray[np.bool_]
+    threshold: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Study:
+    """One study run in DIR: split, encode, loops, baselines, report."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        wafers: WaferMaps,
+        labels: LabelConfig,
+        out: Path,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.labels = labels
+        self.out = out
+        self.log = log
+        self.device = pick_device(config.device)
+        self.n_classes = len(labels.failure_types)
+        rng = np.random.default_rng(config.seed)
+        if config.subsample < 1:
+            wafers = wafers.subset(stratified_sample(wafers.labels, config.subsample, rng))
+        self.wafers = wafers
+        self.true = wafers.labels.astype(np.int64)
+        self.split: StudySplit = study_split(
+            self.true, config.initial_fraction, config.sets, SetOrder(config.set_order), rng
+        )
+        self.codes: npt.NDArray[np.uint8] = np.empty((0, 0, 0), dtype=np.uint8)
+        self.timings: dict[str, float] = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Check or write config.json, write the split manifests, encode every wafer once."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_file = self.out / "config.json"
+        wanted = self.config.to_json()
+        if config_file.exists():
+            saved = json.loads(config_file.read_text())
+            changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            if changed:
+                raise ValueError(
+                    f"{self.out} holds a study run with other settings ({', '.join(changed)}); "
+                    "resume it with the same flags or pick another --out"
+                )
+        else:
+            config_file.write_text(json.dumps(wanted, indent=2))
+        self.write_manifests()
+        start = time.perf_counter()
+        self.codes = encode_wafers(self.wafers, self.config.image_size)
+        self.timings["encode_seconds"] = time.perf_counter() - start
+        self.log(
+            f"{len(self.wafers):,} wafers: initial set {len(self.split.initial):,}, "
+            f"{len(self.split.sets)} sets of ~{len(self.split.sets[0]):,}; encoded at "
+            f"{self.config.image_size}x{self.config.image_size} in "
+            f"{self.timings['encode_seconds']:.1f} s; device {self.device}"
+        )
+
+    def write_manifests(self) -> None:
+        """The study's CSVs: data_<all>, data_<initial>, data_<rest> (with each wafer's set)."""
+        set_of = np.zeros(len(self.wafers), dtype=np.int64)
+        for k, members in enumerate(self.split.sets, start=1):
+            set_of[members] = k
+        everything = np.arange(len(self.wafers))
+        for name, members in (
+            (f"data_{len(everything)}", everything),
+            (f"data_{len(self.split.initial)}", self.split.initial),
+            (f"data_{len(self.split.rest())}", self.split.rest()),
+        ):
+            self._write_csv(self.out / f"{name}.csv", members, set_of)
+
+    def _write_csv(
+        self, path: Path, members: npt.NDArray[np.intp], set_of: npt.NDArray[np.int64]
+    ) -> None:
+        names = self.labels.failure_types
+        w = self.wafers
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["source_row", "lot", "wafer_index", "failure_type", "set"])
+            for i in members:
+                writer.writerow(
+                    [w.source_row[i], w.lots[i], w.wafer_index[i], names[self.true[i]], set_of[i]]
+                )
+
+    # -- one phase ------------------------------------------------------------------------
+    def _seed(self, loop: str, set_number: int) -> int:
+        loop_id = (*ALL_LOOPS, "initial").index(loop)
+        return int(
+            np.random.SeedSequence([self.config.seed, loop_id, set_number]).generate_state(1)[0]
+        )
+
+    def train_phase(
+        self,
+        members: npt.NDArray[np.intp],
+        labels: npt.NDArray[np.int64],
+        seed: int,
+        desc: str,
+        start_from: WaferClassifier | None = None,
+    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+        """Train on `members` with `labels` (stratified hold-out for validation).
+
+        Returns the classifier, its probabilities and labels on the held-out wafers, and timings.
+        """
+        c = self.config
+        rng = np.random.default_rng(seed)
+        train, val = stratified_train_val(labels, c.validation_fraction, rng)
+        if start_from is not None:
+            network = start_from.network
+        else:
+            weights = Path(c.weights_path) if c.weights_path else None
+            network = build_network(c.backbone, self.n_classes, seed, weights)
+        tc = TrainConfig(
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            learning_rate=c.learning_rate,
+            balance=c.balance,
+            augment=c.augment,
+            seed=seed,
+        )
+        report = train_network(
+            network,
+            self.codes[members[train]],
+            labels[train],
+            self.n_classes,
+            tc,
+            self.device,
+            desc,
+        )
+        card = ModelCard(
+            version=desc,
+            failure_types=self.labels.failure_types,
+            image_size=c.image_size,
+            backbone=c.backbone,
+            logit_adjustment=tuple(logit_adjustment(labels[train], self.n_classes, c.balance)),
+            training=tc.to_dict() | {"wafers": len(train)},
+        )
+        model = WaferClassifier(network=network, card=card, device=self.device)
+        start = time.perf_counter()
+        val_probs = model.predict_proba(self.codes[members[val]])
+        info = {
+            "train_wafers": len(train),
+            "validation_wafers": len(val),
+            "train_seconds": report.seconds,
+            "train_wafers_per_second": report.samples_per_second,
+            "validation_accuracy": float(np.mean(val_probs.argmax(1) == labels[val]))
+            if len(val)
+            else float("nan"),
+            "final_loss": report.loss_per_epoch[-1],
+            "validation_predict_seconds": time.perf_counter() - start,
+        }
+        return model, val_probs, labels[val], info
+
+    def route(
+        self,
+        loop: str,
+        probs: npt.NDArray[np.float64],
+        val_probs: npt.NDArray[np.float64],
+        val_true: npt.NDArray[np.int64],
+    ) -> tuple[npt.NDArray[np.bool_], float, dict[str, Any]]:
+        """Engineer flags for one set under a loop's rule, the threshold used, and notes."""
+        if loop == "auto-labeling":
+            return np.zeros(len(probs), dtype=bool), float("inf"), {}
+        if loop in STUDY_LOOPS:
+            rule = STUDY_RULES[Measure(loop)]
+            return rule.needs_engineer(probs), rule.threshold, {}
+        measure = Measure(self.config.calibration_measure)
+        cal = calibrate(
+            uncertainty(val_probs, measure),
+            val_probs.argmax(1) == val_true,
+            measure,
+            self.config.target_accuracy,
+            confidence=self.config.confidence,
+            new_scores=uncertainty(probs, measure),
+        )
+        notes = {
+            "predicted_accuracy": cal.predicted_accuracy,
+            "expected_engineer_ratio": cal.expected_engineer_ratio,
+        }
+        return cal.rule.needs_engineer(probs), cal.rule.threshold, notes
+
+    # -- the loops ------------------------------------------------------------------------
+    def _phase_path(self, loop: str, set_number: int) -> Path:
+        return self.out / "phases" / loop / f"set{set_number}.npz"
+
+    def _save_phase(self, path: Path, phase: Phase) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            probs=phase.probs,
+            engineer=phase.engineer,
+            threshold=np.float64(phase.threshold),
+            info=np.array(json.dumps(json_safe(phase.info))),
+        )
+        tmp.replace(path)
+
+    @staticmethod
+    def _load_phase(path: Path) -> Phase:
+        with np.load(path, allow_pickle=False) as data:
+            return Phase(
+                probs=data["probs"],
+                engineer=data["engineer"],
+                threshold=float(data["threshold"]),
+                info=json.loads(str(data["info"])),
+            )
+
+    def initial_model(
+        self,
+    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+        """The model trained on the initial set (true labels), shared by every loop.
+
+        Trained once per run directory; later calls (and resumed runs) read it back.
+        """
+        model_path = self.out / "models" / "initial.pt"
+        held_out = self.out / "phases" / "initial.npz"
+        if model_path.exists() and held_out.exists():
+            with np.load(held_out, allow_pickle=False) as data:
+                return (
+                    load_version(model_path, self.device),
+                    data["val_probs"],
+                    data["val_true"],
+                    json.loads(str(data["info"])),
+                )
+        members = self.split.initial
+        model, val_probs, val_true, info = self.train_phase(
+            members, self.true[members], self._seed("initial", 0), "initial set"
+        )
+        save_version(model, model_path)
+        held_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = held_out.with_suffix(".tmp.npz")
+        np.savez(
+            tmp, val_probs=val_probs, val_true=val_true, info=np.array(json.dumps(json_safe(info)))
+        )
+        tmp.replace(held_out)
+        return model, val_probs, val_true, info
+
+    def run(self) -> dict[str, Any]:
+        """All loops (resuming finished phases), then baselines and the report."""
+        if not len(self.codes):
+            self.prepare()
+        c = self.config
+        phases: dict[str, list[Phase]] = {}
+        start = time.perf_counter()
+        initial = self.initial_model()
+        progress = tqdm(total=len(c.loops) * c.sets, desc="study phases", unit="phase")
+        for loop in c.loops:
+            phases[loop] = self.run_loop(loop, initial, progress)
+        progress.close()
+        reject_path = self.out / "phases" / "reject-option.npz"
+        if not reject_path.exists():
+            rest = self.codes[self.split.rest()]
+            probs = initial[0].predict_proba(rest, progress="reject option")
+            np.savez(reject_path.with_suffix(".tmp.npz"), probs=probs)
+            reject_path.with_suffix(".tmp.npz").replace(reject_path)
+        with np.load(reject_path) as data:
+            reject_probs = data["probs"]
+        self.timings["study_seconds"] = time.perf_counter() - start
+        return self.report(phases, reject_probs)
+
+    def run_loop(
+        self,
+        loop: str,
+        initial: tuple[
+            WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]
+        ],
+        progress: tqdm[Any],
+    ) -> list[Phase]:
+        """One method's pass over the sets; finished phases are read back, not redone."""
+        c = self.config
+        labelled = [self.split.initial]
+        labels = [self.true[self.split.initial]]
+        latest = self.out / "models" / f"{loop}.pt"
+        done: list[Phase] = []
+        for k, members in enumerate(self.split.sets, start=1):
+            path = self._phase_path(loop, k)
+            if path.exists():
+                phase = self._load_phase(path)
+            else:
+                if k == 1:
+                    model, val_probs, val_true, info = initial
+                    info = dict(info)
+                else:
+                    start_from = None
+                    if c.retrain == "warm":
+                        start_from = load_version(
+                            latest if latest.exists() else self.out / "models" / "initial.pt",
+                            self.device,
+                        )
+                    model, val_probs, val_true, info = self.train_phase(
+                        np.concatenate(labelled),
+                        np.concatenate(labels),
+                        self._seed(loop, k),
+                        f"{loop} set {k}",
+                        start_from=start_from,
+                    )
+                t0 = time.perf_counter()
+                probs = model.predict_proba(self.codes[members], progress=f"predict set {k}")
+                info["predict_seconds"] = time.perf_counter() - t0
+                info["predict_wafers_per_second"] = len(members) / max(
+                    info["predict_seconds"], 1e-9
+                )
+                engineer, threshold, notes = self.route(loop, probs, val_probs, val_true)
+                phase = Phase(probs, engineer, threshold, info | notes)
+                if c.retrain == "warm":
+                    save_version(model, latest)
+                self._save_phase(path, phase)
+            done.append(phase)
+            labelled.append(members)
+            labels.append(np.where(phase.engineer, self.true[members], phase.probs.argmax(1)))
+            progress.update()
+        return done
+
+    # -- results --------------------------------------------------------------------------
+    def _outcomes(
+        self,
+        engineer_by_set: Sequence[npt.NDArray[np.bool_]],
+        probs_by_set: Sequence[npt.NDArray[np.float64]],
+    ) -> list[SetOutcome]:
+        out = []
+        for k, (members, engineer, probs) in enumerate(
+            zip(self.split.sets, engineer_by_set, probs_by_set, strict=True), start=1
+        ):
+            true = self.true[members]
+            out.append(SetOutcome(k, true, np.where(engineer, true, probs.argmax(1)), engineer))
+        return out
+
+    def report(
+        self, phases: dict[str, list[Phase]], reject_probs: npt.NDArray[np.float64]
+    ) -> dict[str, Any]:
+        """Summaries of every method and baseline; writes results.json, results.md and plots."""
+        lc = self.labels
+        methods: list[dict[str, Any]] = []
+
+        def add(name: str, family: str, rule: str, outcomes: list[SetOutcome]) -> None:
+            methods.append(
+                summarize(name, family, rule, outcomes, lc.failure_types, lc.defect_classes)
+            )
+
+        for loop, done in phases.items():
+            probs = [p.probs for p in done]
+            engineer = [p.engineer for p in done]
+            if loop in STUDY_LOOPS:
+                rule: RoutingRule = STUDY_RULES[Measure(loop)]
+                add(
+                    f"{loop} (retrained)",
+                    "study measure",
+                    rule.describe(),
+                    self._outcomes(engineer, probs),
+                )
+            elif loop == "calibrated":
+                text = (
+                    f"{self.config.calibration_measure}, threshold set per set for "
+                    f"{100 * self.config.target_accuracy:g}% at {100 * self.config.confidence:g}% confidence"
+                )
+                add(
+                    f"calibrated {self.config.calibration_measure} (ours)",
+                    "ours",
+                    text,
+                    self._outcomes(engineer, probs),
+                )
+            else:
+                add(
+                    "auto labeling",
+                    "baseline",
+                    "argmax for every wafer",
+                    self._outcomes(engineer, probs),
+                )
+            if loop != "auto-labeling":
+                rng = np.random.default_rng(self._seed(loop, 0))
+                random_engineer = []
+                for e in engineer:
+                    pick = np.zeros(len(e), dtype=bool)
+                    pick[rng.choice(len(e), size=int(e.sum()), replace=False)] = True
+                    random_engineer.append(pick)
+                add(
+                    f"random at {loop} budget",
+                    "baseline",
+                    "same engineer count per set, random wafers",
+                    self._outcomes(random_engineer, probs),
+                )
+        bounds = np.cumsum([0] + [len(s) for s in self.split.sets])
+        reject_by_set = [reject_probs[a:b] for a, b in itertools.pairwise(bounds)]
+        for measure in (Measure.LEAST_CONFIDENCE, Measure.MARGIN, Measure.ENTROPY):
+            rule = STUDY_RULES[measure]
+            engineer = [rule.needs_engineer(p) for p in reject_by_set]
+            add(
+                f"reject option, {measure.value}",
+                "baseline",
+                rule.describe() + ", initial model only",
+                self._outcomes(engineer, reject_by_set),
+            )
+        add(
+            "active learning",
+            "baseline",
+            "engineers label every wafer",
+            self._outcomes([np.ones(len(s), dtype=bool) for s in self.split.sets], reject_by_set),
+        )
+        results = {
+            "config": self.config.to_json(),
+            "failure_types": list(lc.failure_types),
+            "wafers": {
+                "all": len(self.wafers),
+                "initial": len(self.split.initial),
+                "sets": [len(s) for s in self.split.sets],
+            },
+            "timings": self.timings,
+            "phases": {
+                loop: [p.info | {"threshold": p.threshold} for p in done]
+                for loop, done in phases.items()
+            },
+            "methods": methods,
+        }
+        (self.out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
+        (self.out / "results.md").write_text(markdown(methods, lc.failure_types))
+        plots.accuracy_vs_engineer_ratio(methods, self.out / "accuracy_vs_engineer_ratio.png")
+        plots.engineer_labels_per_set(methods, self.out / "engineer_labels_per_set.png")
+        plots.auto_label_confusion(
+            [m for m in methods if m["family"] != "baseline" or m["name"] == "auto labeling"],
+            lc.failure_types,
+            self.out / "auto_label_confusion.png",
+        )
+        return results
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python numbers, NaN and infinities to null."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def torch_threads() -> int:
+    """Use every core the process may run on."""
+    import os
+
+    n = len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,114 @@
+"""Uncertainty of a classifier's softmax output, one score per wafer.
+
+Every function takes ``probs``, an ``(n, k)`` array with one row of class probabilities per wafer
+(``k >= 2`` failure types). Rows are checked (2-D, finite, non-negative, summing to 1 within
+1e-3 so that float32 softmax outputs pass) and converted to float64 before any arithmetic; the
+conversion from float32 is exact. Rows are NOT renormalised, so a row that sums to slightly more
+than 1 can give a score a hair below 0. ``n = 0`` (shape ``(0, k)``) gives an empty result.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+ROW_SUM_TOLERANCE = 1e-3
+
+
+class Measure(StrEnum):
+    """The three uncertainty measures of the study."""
+
+    LEAST_CONFIDENCE = "least-confidence"
+    MARGIN = "margin"
+    ENTROPY = "entropy"
+
+
+def check_probs(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Return ``probs`` as a float64 ``(n, k)`` array, or raise ValueError saying what is wrong."""
+    arr = np.asarray(probs)
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(f"probs must be a real numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"probs must be 2-D (wafers x classes), got shape {arr.shape}")
+    if arr.shape[1] < 2:
+        raise ValueError(f"probs needs at least 2 classes per row, got {arr.shape[1]}")
+    out = arr.astype(np.float64)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("probs contains NaN or infinite values")
+    if np.any(out < 0):
+        raise ValueError("probs contains negative values")
+    sums = out.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
+    if bad.size:
+        raise ValueError(
+            f"probs rows must sum to 1 (within {ROW_SUM_TOLERANCE}); row {bad[0]} sums to "
+            f"{sums[bad[0]]!r} ({bad.size} bad rows)"
+        )
+    return out
+
+
+def least_confidence(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``1 - max_k p``: 0 for a one-hot row, ``1 - 1/k`` for a uniform row."""
+    p = check_probs(probs)
+    if p.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    return np.asarray(1.0 - p.max(axis=1), dtype=np.float64)
+
+
+def margin(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``p1 - p2``, the largest minus the second largest probability (computed in float64).
+
+    Always ``>= 0``; exactly 0 when the top two tie, 1 for a one-hot row. Higher means MORE
+    certain, unlike the other two measures.
+    """
+    p = check_probs(probs)
+    k = p.shape[1]
+    if p.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    top = np.partition(p, (k - 2, k - 1), axis=1)
+    return np.asarray(top[:, k - 1] - top[:, k - 2], dtype=np.float64)
+
+
+def entropy(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``-sum_k p ln p`` in nats, with ``0 ln 0 = 0``: 0 for one-hot, ``ln k`` for uniform."""
+    p = check_probs(probs)
+    logp = np.zeros_like(p)
+    np.log(p, out=logp, where=p > 0)
+    return np.asarray(-(p * logp).sum(axis=1), dtype=np.float64)
+
+
+def uncertainty(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.float64]:
+    """One score per wafer where higher = more uncertain.
+
+    Least confidence and entropy as they are; margin as ``1 - (p1 - p2)``.
+    """
+    measure = Measure(measure)
+    if measure is Measure.LEAST_CONFIDENCE:
+        return least_confidence(probs)
+    if measure is Measure.MARGIN:
+        return np.asarray(1.0 - margin(probs), dtype=np.float64)
+    return entropy(probs)
+
+
+def max_uncertainty(measure: Measure, n_classes: int) -> float:
+    """The `uncertainty` score of a uniform row over ``n_classes`` classes (the largest possible).
+
+    Closed forms: ``1 - 1/k`` (least confidence), ``1`` (margin), ``ln k`` (entropy); `uncertainty`
+    on an actual uniform row may differ from these by a rounding error.
+    """
+    measure = Measure(measure)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer):
+        raise ValueError(f"n_classes must be an integer, got {n_classes!r}")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+    k = int(n_classes)
+    if measure is Measure.LEAST_CONFIDENCE:
+        return 1.0 - 1.0 / k
+    if measure is Measure.MARGIN:
+        return 1.0
+    return math.log(k)

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real WM-811K file, loaded once per test session through the cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
+from backend.sources import DEFAULT_DATA, LoadReport, load_wafers
+from backend.wafers import WaferMaps
+
+
+@pytest.fixture(scope="session")
+def label_config() -> LabelConfig:
+    return parse_label_config(DEFAULT_LABEL_CONFIG.read_text())
+
+
+@pytest.fixture(scope="session")
+def real_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WAFER_CACHE_DIR when set (scripts/test sets it, so one conversion serves every run)."""
+    configured = os.environ.get("WAFER_CACHE_DIR")
+    return Path(configured) if configured else tmp_path_factory.mktemp("wafer-cache")
+
+
+@pytest.fixture(scope="session")
+def real_wafers(
+    real_cache_dir: Path, label_config: LabelConfig
+) -> Iterator[tuple[WaferMaps, LoadReport]]:
+    if not DEFAULT_DATA.is_file():
+        pytest.fail(f"WM-811K is expected at {DEFAULT_DATA} (the shared data folder)")
+    yield load_wafers(DEFAULT_DATA, label_config.failure_types, real_cache_dir, progress=False)

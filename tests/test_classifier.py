@@ -1,0 +1,138 @@
+"""The torch side: symmetries, prior correction, learning a separable pattern, versions on disk."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from backend import classifier as clf
+from backend.classifier import ModelCard, WaferClassifier, build_network, load_version, save_version
+from backend.training import TrainConfig, class_weights, logit_adjustment, symmetries, train_network
+
+CPU = torch.device("cpu")
+
+
+def wafers_with_and_without_a_centre_blob(
+    rng: np.random.Generator, n: int, size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0: failing dies in the centre; class 1: a few scattered failing dies."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 2) ** 2
+    codes = np.where(disc, 1, 0).astype(np.uint8)[None].repeat(n, axis=0)
+    labels = rng.integers(0, 2, size=n)
+    for i in range(n):
+        noise = disc & (rng.random((size, size)) < 0.05)
+        codes[i][noise] = 2
+        if labels[i] == 0:
+            r = rng.integers(3, 6)
+            codes[i][(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r] = 2
+    return codes, labels.astype(np.int64)
+
+
+def test_symmetries_are_rotations_or_mirrors_of_each_wafer() -> None:
+    codes = torch.randint(0, 3, (64, 5, 5), dtype=torch.uint8)
+    out = symmetries(codes, torch.Generator().manual_seed(1))
+    for before, after in zip(codes, out, strict=True):
+        variants = [torch.rot90(before, k, (0, 1)) for k in range(4)]
+        variants += [torch.flip(v, (1,)) for v in variants]
+        assert any(torch.equal(after, v) for v in variants)
+    assert not torch.equal(out, codes)  # some wafers were actually turned
+
+
+def test_balanced_sampling_weights() -> None:
+    labels = np.array([0] * 900 + [1] * 100)
+    np.testing.assert_allclose(class_weights(labels, 3, "none"), [1, 1, 0])
+    sqrt = class_weights(labels, 3, "sqrt")
+    drawn = np.array([900, 100, 0]) * sqrt
+    np.testing.assert_allclose(drawn[:2] / drawn[:2].sum(), [0.75, 0.25])
+
+
+def test_logit_adjustment_restores_the_real_class_prior() -> None:
+    labels = np.array([0] * 900 + [1] * 100)
+    adjust = logit_adjustment(labels, 3, "sqrt")
+    # A network that learned the training prior (0.75 / 0.25) outputs these logits:
+    logits = np.log([0.75, 0.25, 1e-12]) + adjust
+    prior = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(prior[:2], [0.9, 0.1], rtol=1e-6)
+    assert adjust[2] == 0.0
+
+
+def test_training_learns_a_separable_pattern_and_predicts_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    codes, labels = wafers_with_and_without_a_centre_blob(rng, 192)
+    network = build_network("resnet18", 2, seed=0)
+    config = TrainConfig(epochs=3, batch_size=32, learning_rate=3e-3, seed=0)
+    report = train_network(network, codes, labels, 2, config, CPU)
+    assert report.loss_per_epoch[-1] < report.loss_per_epoch[0]
+    card = ModelCard(
+        "t", ("Center", "none"), 32, "resnet18", tuple(logit_adjustment(labels, 2, "sqrt"))
+    )
+    model = WaferClassifier(network, card, CPU)
+    test_codes, test_labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(1), 128)
+    probs = model.predict_proba(test_codes, batch_size=50)
+    assert probs.shape == (128, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert np.mean(probs.argmax(1) == test_labels) > 0.9
+    with pytest.raises(ValueError, match=r"expected die codes \(n, 32, 32\)"):
+        model.predict_proba(test_codes[:, :16, :16])
+
+
+def test_same_seed_same_initial_weights_and_global_state_untouched() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_network("resnet18", 3, seed=7)
+    after = torch.rand(1)
+    b = build_network("resnet18", 3, seed=7)
+    assert torch.equal(before, after)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def small_model() -> WaferClassifier:
+    card = ModelCard(
+        "v1",
+        ("Center", "Donut", "none"),
+        16,
+        "resnet18",
+        (0.0, 0.5, -0.5),
+        metrics={"validation_accuracy": 0.9},
+    )
+    return WaferClassifier(build_network("resnet18", 3, seed=0), card, CPU)
+
+
+def test_version_round_trip(tmp_path: Path) -> None:
+    model = small_model()
+    codes = np.random.default_rng(0).integers(0, 3, (8, 16, 16)).astype(np.uint8)
+    path = save_version(model, tmp_path / "models" / "v1.pt")
+    loaded = load_version(path, CPU)
+    assert loaded.card == model.card
+    np.testing.assert_allclose(loaded.predict_proba(codes), model.predict_proba(codes), atol=1e-6)
+
+
+def test_a_crash_while_saving_keeps_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save_version(small_model(), tmp_path / "v.pt")
+    before = path.read_bytes()
+
+    def broken_save(obj: object, handle: Any) -> None:
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(clf.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_version(small_model(), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["v.pt"]
+
+
+def test_a_damaged_version_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable model version"):
+        load_version(bad, CPU)

@@ -1,0 +1,160 @@
+"""A tiny end-to-end study on real WM-811K wafers: the bookkeeping must add up.
+
+Small subsample, small backbone and input, one epoch: the numbers are poor, the accounting is not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.cli import main
+from backend.routing import STUDY_RULES
+from backend.sources import LoadReport
+from backend.uncertainty import Measure
+from backend.wafers import WaferMaps
+
+pytestmark = pytest.mark.slow
+
+FLAGS = [
+    "--subsample",
+    "0.004",
+    "--sets",
+    "3",
+    "--backbone",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--device",
+    "cpu",
+    "--seed",
+    "3",
+]
+
+
+@pytest.fixture(scope="module")
+def study(
+    tmp_path_factory: pytest.TempPathFactory,
+    real_wafers: tuple[WaferMaps, LoadReport],
+    real_cache_dir: Path,
+) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("study")
+    args = ["simulate", "--cache-dir", str(real_cache_dir), *FLAGS, "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    return {
+        "out": out,
+        "results": results,
+        "args": args,
+        "methods": {m["name"]: m for m in results["methods"]},
+    }
+
+
+def test_totals_add_up_for_every_method(study: dict[str, Any]) -> None:
+    sets = study["results"]["wafers"]["sets"]
+    assert len(sets) == 3
+    for m in study["methods"].values():
+        assert m["total"] == sum(sets), m["name"]
+        assert m["engineer_labels"] + m["auto_labels"] == m["total"]
+        assert 0 <= m["errors"] <= m["auto_labels"]
+        assert m["accuracy"] == pytest.approx(1 - m["errors"] / m["total"])
+        assert m["engineer_ratio"] == pytest.approx(m["engineer_labels"] / m["total"])
+        assert [s["total"] for s in m["per_set"]] == sets
+        for key in ("engineer_labels", "errors"):
+            assert sum(s[key] for s in m["per_set"]) == m[key]
+        assert 0 <= m["macro_f1"] <= 1
+
+
+def test_baselines_are_what_they_claim(study: dict[str, Any]) -> None:
+    methods = study["methods"]
+    active = methods["active learning"]
+    assert (active["engineer_ratio"], active["accuracy"], active["errors"]) == (1.0, 1.0, 0)
+    assert active["macro_f1"] == 1.0
+    auto = methods["auto labeling"]
+    assert auto["engineer_labels"] == 0 and auto["engineer_ratio"] == 0.0
+    for measure in ("least-confidence", "margin", "entropy", "calibrated"):
+        ours = methods[
+            next(n for n in methods if n.startswith(measure) or n.startswith(f"{measure} "))
+        ]
+        random = methods[f"random at {measure} budget"]
+        assert [s["engineer_labels"] for s in random["per_set"]] == [
+            s["engineer_labels"] for s in ours["per_set"]
+        ]
+
+
+def test_engineer_labels_count_as_correct_and_errors_are_wrong_auto_labels(
+    study: dict[str, Any],
+) -> None:
+    out: Path = study["out"]
+    rows = list(csv.DictReader((out / f"data_{study['results']['wafers']['all']}.csv").open()))
+    failure_types = study["results"]["failure_types"]
+    true = np.array([failure_types.index(r["failure_type"]) for r in rows])
+    set_of = np.array([int(r["set"]) for r in rows])
+    for loop, name in [("margin", "margin (retrained)"), ("entropy", "entropy (retrained)")]:
+        for k, figures in enumerate(study["methods"][name]["per_set"], start=1):
+            with np.load(out / "phases" / loop / f"set{k}.npz") as phase:
+                probs, engineer = phase["probs"], phase["engineer"]
+            # the stored routing is the study's rule applied to the stored probabilities
+            np.testing.assert_array_equal(
+                engineer, STUDY_RULES[Measure(loop)].needs_engineer(probs)
+            )
+            # set k's wafers are predicted in ascending wafer order, as the manifest lists them
+            set_true = true[set_of == k]
+            assert len(set_true) == len(probs)
+            assert figures["engineer_labels"] == int(engineer.sum())
+            wrong_auto = (~engineer) & (probs.argmax(1) != set_true)
+            assert figures["errors"] == int(wrong_auto.sum())
+
+
+def test_set_one_is_predicted_by_the_shared_initial_model(study: dict[str, Any]) -> None:
+    methods = study["methods"]
+    for measure in ("least-confidence", "margin", "entropy"):
+        retrained = methods[f"{measure} (retrained)"]["per_set"][0]
+        reject = methods[f"reject option, {measure}"]["per_set"][0]
+        assert retrained == reject
+
+
+def test_manifests_plots_and_tables_are_written(study: dict[str, Any]) -> None:
+    out: Path = study["out"]
+    wafers = study["results"]["wafers"]
+    counts = {}
+    for name in (wafers["all"], wafers["initial"], sum(wafers["sets"])):
+        with (out / f"data_{name}.csv").open() as handle:
+            counts[name] = sum(1 for _ in handle) - 1
+    assert counts == {
+        wafers["all"]: wafers["all"],
+        wafers["initial"]: wafers["initial"],
+        sum(wafers["sets"]): sum(wafers["sets"]),
+    }
+    for png in ("accuracy_vs_engineer_ratio", "engineer_labels_per_set", "auto_label_confusion"):
+        assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| active learning |" in table and "99.27%" in table
+
+
+def test_a_finished_run_resumes_without_retraining(
+    study: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out: Path = study["out"]
+    phase_files = sorted((out / "phases").rglob("*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in phase_files]
+    assert main(study["args"]) == 0
+    assert [p.stat().st_mtime_ns for p in phase_files] == stamps
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"] == study["results"]["methods"]
+    assert "| margin (retrained) |" in capsys.readouterr().out
+
+
+def test_other_settings_in_the_same_directory_are_refused(
+    study: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a if a != "3" else "4" for a in study["args"]]  # --sets 4 and --seed 4
+    assert main(args) == 2
+    assert "holds a study run with other settings" in capsys.readouterr().err
