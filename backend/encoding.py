@@ -5,7 +5,7 @@ Layer L0 (numpy only). A die map holds 0 (off wafer), 1 (good die) or 2 (failing
 The model input is the die map resized to S x S by nearest neighbour and one-hot encoded into three
 channels (off wafer, good, failing). Sample positions use integer arithmetic, so:
 - a map at most S dies high and wide keeps every die (nothing is lost at S = 64 for maps up to
-  64 dies wide, which covers 99% of labelled WM-811K wafers);
+  64 dies wide, which covers 98% of the labelled WM-811K wafers);
 - the annotator picture (each die a crisp k x k block of one colour) decodes back to exactly the
   same model input as the die map it was drawn from, whatever k is. The backend can therefore
   predict from the PNG that Label Studio holds.

@@ -6,20 +6,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib as mpl
-
-mpl.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 from backend.report import STUDY_REFERENCE
+
+#: Marker per kind of method: the study's measures, ours, and the baselines.
+FAMILY_MARKERS = {"study measure": "o", "ours": "*", "baseline": "s"}
 
 
 def accuracy_vs_engineer_ratio(methods: Sequence[dict[str, Any]], path: Path) -> Path:
     """Every method as a point: labeling accuracy against the share of engineer labels."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for m in methods:
-        ax.scatter(100 * m["engineer_ratio"], 100 * m["accuracy"], s=60, label=m["name"])
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20"]
+    for i, m in enumerate(methods):
+        ax.scatter(
+            100 * m["engineer_ratio"],
+            100 * m["accuracy"],
+            s=90 if m["family"] == "ours" else 55,
+            marker=FAMILY_MARKERS.get(m["family"], "o"),
+            color=colours(i % 20),
+            label=m["name"],
+        )
     for r in STUDY_REFERENCE:
         ax.scatter(
             100 * r["engineer_ratio"],
@@ -39,7 +49,8 @@ def accuracy_vs_engineer_ratio(methods: Sequence[dict[str, Any]], path: Path) ->
 
 def engineer_labels_per_set(methods: Sequence[dict[str, Any]], path: Path) -> Path:
     """Engineer labels needed in each set: falling lines mean the retrained model learns."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for m in methods:
         sets = [s["set"] for s in m["per_set"]]
         ax.plot(sets, [s["engineer_labels"] for s in m["per_set"]], marker="o", label=m["name"])
@@ -58,7 +69,8 @@ def auto_label_confusion(
     shown = [m for m in methods if m["auto_labels"] > 0]
     cols = max(1, min(3, len(shown)))
     rows = max(1, -(-len(shown) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.8 * rows), squeeze=False)
+    fig = Figure(figsize=(5.2 * cols, 4.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
     for ax, m in zip(axes.flat, shown, strict=False):
@@ -86,9 +98,8 @@ def auto_label_confusion(
     return _save(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -24,9 +24,9 @@ LAYERS = {
         "metrics",
         "report",
     },
-    1: {"classifier", "training", "sources", "plots"},
-    2: {"study", "size_benchmark"},
-    3: {"cli", "__main__"},
+    1: {"classifier", "training", "sources", "plots", "model_store", "images"},
+    2: {"study", "size_benchmark", "predictions"},
+    3: {"cli", "__main__", "app"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 PURE_ALLOWED = {"numpy"} | set(sys.stdlib_module_names)

@@ -13,22 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
 from backend.sources import DEFAULT_DATA, LoadReport, load_wafers, save_npz
 from backend.sources.arrays import load_npz
 from backend.sources.lswmd import LegacyPandasUnpickler
 from backend.wafers import WaferMaps
 
-CLASSES = (
-    "Center",
-    "Donut",
-    "Edge-Loc",
-    "Edge-Ring",
-    "Loc",
-    "Near-full",
-    "Random",
-    "Scratch",
-    "none",
-)
+CLASSES = parse_label_config(DEFAULT_LABEL_CONFIG.read_text()).failure_types
 README_COUNTS = {
     "Center": 4294,
     "Donut": 555,

@@ -158,3 +158,30 @@ def test_other_settings_in_the_same_directory_are_refused(
     args = [a if a != "3" else "4" for a in study["args"]]  # --sets 4 and --seed 4
     assert main(args) == 2
     assert "holds a study run with other settings" in capsys.readouterr().err
+
+
+def test_warm_retraining_continues_the_previous_model(
+    tmp_path: Path, real_wafers: tuple[WaferMaps, LoadReport], real_cache_dir: Path
+) -> None:
+    flags = [f if f != "3" else "2" for f in FLAGS]  # two sets, seed 2
+    args = [
+        "simulate",
+        "--cache-dir",
+        str(real_cache_dir),
+        *flags,
+        "--retrain",
+        "warm",
+        "--loops",
+        "margin",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text())["retrain"] == "warm"
+    names = [m["name"] for m in results["methods"]]
+    assert names[:2] == ["margin (retrained)", "random at margin budget"]
+    assert (tmp_path / "models" / "margin.pt").is_file()
+    # the set-2 model trained on the initial set plus set 1
+    phases = results["phases"]["margin"]
+    assert phases[1]["train_wafers"] > phases[0]["train_wafers"]

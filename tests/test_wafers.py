@@ -11,19 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
 from backend.wafers import WaferMaps
 
-CLASSES = (
-    "Center",
-    "Donut",
-    "Edge-Loc",
-    "Edge-Ring",
-    "Loc",
-    "Near-full",
-    "Random",
-    "Scratch",
-    "none",
-)
+CLASSES = parse_label_config(DEFAULT_LABEL_CONFIG.read_text()).failure_types
 ROOT = Path(__file__).resolve().parents[1]
 
 

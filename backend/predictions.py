@@ -1,0 +1,203 @@
+"""Label Studio tasks -> wafer predictions -> Label Studio prediction entries.
+
+Layer L2: combines the classifier (L1) with the labeling config, uncertainty measures and routing
+rule (L0). Pictures arrive through an injected ``fetch`` (task image value -> (S, S) die codes,
+normally `backend.images.model_input` with its client and settings bound), so this module does
+no I/O of its own.
+
+What Label Studio 1.23.2 does with the ``results`` of one batched ``/predict`` call (read from
+its ``ml/models.py``): the list must hold exactly one entry per task, in order, or the whole
+batch is retried task by task (one entry) or dropped (any other length). An entry is a dict (one
+prediction) or a list (any number, including none). Every prediction dict with a ``result`` key
+is saved; one without is logged (``ML backend returns an incorrect prediction ... {entry}``) and
+skipped while the rest of the batch is saved. All saved predictions are validated against the
+labeling config in one go, so a single unknown choice would lose the whole batch.
+
+A task whose picture cannot be read therefore becomes ``{"model_version": ..., "error": ...}``
+with NO ``result``: Label Studio keeps the other tasks' predictions, writes the error message to
+its log, and stores nothing for that task, so the next "Retrieve predictions" asks again (a
+stored empty prediction of the current model version would mark the task as done for good).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from backend.classifier import WaferClassifier
+from backend.label_config import LabelConfig
+from backend.routing import Route, RoutingRule
+from backend.uncertainty import entropy, least_confidence, margin
+
+#: `WaferPrediction.route` of a task that could not be predicted.
+ERROR_ROUTE = "error"
+
+
+@dataclass(frozen=True)
+class WaferPrediction:
+    """The model's answer for one task, or why there is none.
+
+    ``route`` is ``"auto"`` or ``"engineer"`` (from the routing rule) for a predicted task and
+    ``"error"`` for one whose picture could not be read; then ``error`` holds the reason and the
+    prediction fields are None / empty. ``score`` is the largest class probability. ``margin``
+    is ``p1 - p2`` (higher = more certain), the other two measures are higher = less certain.
+    """
+
+    task_id: int | None
+    failure_type: str | None
+    score: float | None
+    probabilities: dict[str, float]
+    least_confidence: float | None
+    margin: float | None
+    entropy: float | None
+    route: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _task_id(task: Mapping[str, Any]) -> int | None:
+    value = task.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _image_value(task: Mapping[str, Any], field: str) -> str:
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise ValueError("the task has no 'data' object")
+    if field not in data:
+        raise ValueError(f"the task's data has no {field!r} field (the labeling config's image)")
+    value = data[field]
+    if not isinstance(value, str):
+        raise ValueError(f"the task's {field!r} must be a string URL, got {type(value).__name__}")
+    return value
+
+
+def _failed(task_id: int | None, message: str) -> WaferPrediction:
+    return WaferPrediction(
+        task_id=task_id,
+        failure_type=None,
+        score=None,
+        probabilities={},
+        least_confidence=None,
+        margin=None,
+        entropy=None,
+        route=ERROR_ROUTE,
+        error=message,
+    )
+
+
+def check_failure_types(classifier: WaferClassifier, labels: LabelConfig) -> None:
+    """Every failure type the model can predict must be a choice of the labeling config.
+
+    Label Studio validates predictions against the config and drops the whole batch on one
+    unknown choice, so a mismatch is refused here, before any picture is fetched.
+    """
+    unknown = [name for name in classifier.card.failure_types if name not in labels.failure_types]
+    if unknown:
+        raise ValueError(
+            f"model version {classifier.card.version!r} predicts failure types that the labeling "
+            f"config <Choices name={labels.from_name!r}> lacks: {', '.join(unknown)}"
+        )
+
+
+def predict_tasks(
+    tasks: Sequence[Mapping[str, Any]],
+    classifier: WaferClassifier,
+    labels: LabelConfig,
+    rule: RoutingRule,
+    fetch: Callable[[str], npt.NDArray[np.uint8]],
+) -> list[WaferPrediction]:
+    """One `WaferPrediction` per task, in task order.
+
+    Pictures are fetched one by one; a task whose picture cannot be read (``fetch`` raising
+    ValueError, e.g. `backend.images.ImageError`, or returning the wrong shape) gets route
+    ``"error"`` and the others go on. The readable ones are predicted in ONE batched
+    ``predict_proba`` call; an error there (the model itself failing) propagates.
+    """
+    check_failure_types(classifier, labels)
+    size = classifier.card.image_size
+    names = classifier.card.failure_types
+    out: list[WaferPrediction | None] = [None] * len(tasks)
+    readable: list[int] = []
+    codes: list[npt.NDArray[np.uint8]] = []
+    for i, task in enumerate(tasks):
+        task_id = _task_id(task)
+        try:
+            picture = np.asarray(fetch(_image_value(task, labels.image_value)))
+            if picture.shape != (size, size):
+                raise ValueError(
+                    f"the picture became die codes of shape {picture.shape}, not ({size}, {size})"
+                )
+            if picture.size and int(picture.max()) > 2:
+                raise ValueError(f"die codes must be 0, 1 or 2, found {int(picture.max())}")
+        except ValueError as exc:
+            where = f"task {task_id}" if task_id is not None else f"task #{i}"
+            out[i] = _failed(task_id, f"{where}: {exc}")
+            continue
+        readable.append(i)
+        codes.append(picture.astype(np.uint8, copy=False))
+
+    if readable:
+        probs = classifier.predict_proba(np.stack(codes))
+        lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
+        routes = rule.routes(probs)
+        best = probs.argmax(axis=1)
+        for row, i in enumerate(readable):
+            out[i] = WaferPrediction(
+                task_id=_task_id(tasks[i]),
+                failure_type=names[int(best[row])],
+                score=float(probs[row, best[row]]),
+                probabilities={name: float(p) for name, p in zip(names, probs[row], strict=True)},
+                least_confidence=float(lc[row]),
+                margin=float(mg[row]),
+                entropy=float(en[row]),
+                route=Route(str(routes[row])).value,
+            )
+    return [p for p in out if p is not None]
+
+
+def to_label_studio(p: WaferPrediction, labels: LabelConfig, model_version: str) -> dict[str, Any]:
+    """One entry of the ``/predict`` response ``results`` list for Label Studio 1.23.2.
+
+    A predicted task: ``{"result": [{from_name, to_name, "type": "choices", "value":
+    {"choices": [failure type]}}], "score": max probability, "model_version": ...}`` (low score =
+    uncertain, so Label Studio's score filter and sort find the wafers to look at first).
+    A task that could not be predicted: ``{"model_version": ..., "error": message}`` without a
+    ``result`` (see the module docstring for why). ``model_version`` must equal what ``/setup``
+    returned, or every "Retrieve predictions" adds duplicates.
+    """
+    if p.error is not None or p.failure_type is None or p.score is None:
+        return {"model_version": model_version, "error": p.error or "no prediction"}
+    if p.failure_type not in labels.failure_types:
+        raise ValueError(
+            f"failure type {p.failure_type!r} is not a choice of the labeling config "
+            f"({', '.join(labels.failure_types)})"
+        )
+    return {
+        "result": [
+            {
+                "from_name": labels.from_name,
+                "to_name": labels.to_name,
+                "type": "choices",
+                "value": {"choices": [p.failure_type]},
+            }
+        ],
+        "score": p.score,
+        "model_version": model_version,
+    }
+
+
+def tasks_to_label_studio(
+    predictions: Sequence[WaferPrediction], labels: LabelConfig, model_version: str
+) -> list[dict[str, Any]]:
+    """The whole ``results`` list: one `to_label_studio` entry per prediction, in order."""
+    return [to_label_studio(p, labels, model_version) for p in predictions]

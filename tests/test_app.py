@@ -1,0 +1,342 @@
+"""The HTTP protocol, against a small fake `MLBackend` (the seam between app and model)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import flask
+import pytest
+from flask.testing import FlaskClient
+
+from backend.app import MLBackend, create_app
+
+USER, PASSWORD = "labeler", "s3cret-pass"
+LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class FakeBackend:
+    version: str = "wafer-v1"
+    fail_predict: bool = False
+    wrong_count: bool = False
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+
+    def model_version(self) -> str:
+        return self.version
+
+    def setup(self, project: str, schema: str, extra: Mapping[str, Any]) -> str:
+        self.calls.append(("setup", (project, schema, dict(extra))))
+        return self.version
+
+    def predict(
+        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        self.calls.append(("predict", (tasks, context)))
+        if self.fail_predict:
+            raise RuntimeError("model file is damaged")
+        entries = [
+            {
+                "result": [
+                    {
+                        "from_name": "failure_type",
+                        "to_name": "wafer_map",
+                        "type": "choices",
+                        "value": {"choices": ["Center"]},
+                    }
+                ],
+                "score": 0.5 + 0.1 * i,
+                "model_version": self.version,
+            }
+            for i, _ in enumerate(tasks)
+        ]
+        return entries[:-1] if self.wrong_count else entries
+
+    def webhook(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("webhook", payload["action"]))
+        return {"status": "queued", "action": payload["action"]}
+
+    def metrics(self) -> dict[str, Any]:
+        return {"model_version": self.version, "predictions": 3}
+
+
+def as_backend(fake: FakeBackend) -> MLBackend:
+    return fake  # mypy checks here that the fake implements the protocol
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(fake: FakeBackend) -> FlaskClient:
+    return create_app(as_backend(fake), basic_auth=None).test_client()
+
+
+@pytest.fixture
+def locked(fake: FakeBackend) -> FlaskClient:
+    return create_app(as_backend(fake), basic_auth=(USER, PASSWORD)).test_client()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+TASKS = [
+    {"id": 7, "data": {"image": "/data/upload/1/a.png"}, "project": 1},
+    {"id": 8, "data": {"image": "/data/upload/1/b.png"}, "project": 1},
+]
+PREDICT_BODY = {
+    "tasks": TASKS,
+    "project": "1.1700000000",
+    "label_config": "<View/>",
+    "params": {"login": None, "password": None, "context": None},
+}
+
+
+def test_health(client: FlaskClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json == {
+        "status": "UP",
+        "model_class": "FakeBackend",
+        "model_version": "wafer-v1",
+    }
+
+
+def test_setup(client: FlaskClient, fake: FakeBackend) -> None:
+    body = {
+        "project": "3.1700000000",
+        "schema": "<View>...</View>",
+        "hostname": "http://localhost:8080",
+        "access_token": LS_TOKEN,
+        "extra_params": None,
+    }
+    response = client.post("/setup", json=body)
+    assert response.status_code == 200
+    assert response.json == {"model_version": "wafer-v1"}
+    assert fake.calls == [("setup", ("3.1700000000", "<View>...</View>", {}))]
+    response = client.post("/setup", json={**body, "extra_params": {"a": 1}, "project": 4})
+    assert fake.calls[-1] == ("setup", ("4", "<View>...</View>", {"a": 1}))
+    # Label Studio keeps extra_params as free JSON: text holding an object, or empty text.
+    client.post("/setup", json={**body, "extra_params": '{"b": 2}'})
+    assert fake.calls[-1] == ("setup", ("3.1700000000", "<View>...</View>", {"b": 2}))
+    client.post("/setup", json={**body, "extra_params": ""})
+    assert fake.calls[-1] == ("setup", ("3.1700000000", "<View>...</View>", {}))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"project": "1.1"},
+        {"schema": ""},
+        {"schema": "<View/>", "project": ["x"]},
+        {"schema": "<View/>", "extra_params": [1]},
+        {"schema": "<View/>", "extra_params": "{not json"},
+        [1, 2],
+    ],
+)
+def test_setup_rejects_bad_bodies(client: FlaskClient, fake: FakeBackend, body: Any) -> None:
+    response = client.post("/setup", json=body)
+    assert response.status_code == 400
+    assert response.json is not None and response.json["error"]
+    assert fake.calls == []
+
+
+def test_predict(client: FlaskClient, fake: FakeBackend) -> None:
+    response = client.post("/predict", json=PREDICT_BODY)
+    assert response.status_code == 200
+    assert response.json is not None
+    results = response.json["results"]
+    assert len(results) == 2
+    assert results[0]["result"][0]["value"] == {"choices": ["Center"]}
+    assert results[1]["score"] == pytest.approx(0.6)
+    assert fake.calls == [("predict", (TASKS, None))]
+    context: dict[str, Any] = {"result": []}
+    client.post("/predict", json={**PREDICT_BODY, "params": {"context": context}})
+    assert fake.calls[-1] == ("predict", (TASKS, context))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "'tasks' must be a list"),
+        ({"tasks": {"id": 1}}, "'tasks' must be a list"),
+        ({"tasks": [1, 2]}, "every entry"),
+        ({"tasks": TASKS, "params": "x"}, "'params'"),
+        ({"tasks": TASKS, "params": {"context": [1]}}, "'context'"),
+    ],
+)
+def test_predict_rejects_bad_bodies(
+    client: FlaskClient, fake: FakeBackend, body: Any, message: str
+) -> None:
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400
+    assert response.json is not None and message in response.json["error"]
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook"])
+def test_bodies_that_are_not_json_objects(client: FlaskClient, path: str) -> None:
+    for data, content_type in [
+        ("{not json", "application/json"),
+        ("tasks=1", "application/x-www-form-urlencoded"),
+        ("", "application/json"),
+        ("null", "application/json"),
+        ('"text"', "application/json"),
+    ]:
+        response = client.post(path, data=data, content_type=content_type)
+        assert response.status_code == 400, (path, data)
+        assert response.json == {"error": "the request body must be a JSON object"}
+
+
+def test_an_error_inside_predict_is_a_json_500_without_a_traceback(
+    client: FlaskClient, fake: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail_predict = True
+    with caplog.at_level(logging.ERROR, logger="backend.app"):
+        response = client.post("/predict", json=PREDICT_BODY)
+    assert response.status_code == 500
+    assert response.is_json
+    assert response.json == {"error": "predict failed: RuntimeError: model file is damaged"}
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert "Traceback" in caplog.text or caplog.records[0].exc_info is not None  # in the log
+
+
+def test_a_wrong_number_of_results_is_a_500(client: FlaskClient, fake: FakeBackend) -> None:
+    fake.wrong_count = True
+    response = client.post("/predict", json=PREDICT_BODY)
+    assert response.status_code == 500
+    assert response.json is not None and "1 results for 2 tasks" in response.json["error"]
+
+
+def test_webhook(client: FlaskClient, fake: FakeBackend) -> None:
+    payload = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "project": {"id": 1}}
+    response = client.post("/webhook", json=payload)
+    assert response.status_code == 200
+    assert response.json == {"status": "queued", "action": "ANNOTATION_CREATED"}
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert response.status_code == 200
+    assert fake.calls == [("webhook", "ANNOTATION_CREATED"), ("webhook", "START_TRAINING")]
+
+
+@pytest.mark.parametrize("payload", [{}, {"action": ""}, {"action": 3}, {"project": {"id": 1}}])
+def test_webhook_without_an_action(client: FlaskClient, fake: FakeBackend, payload: Any) -> None:
+    response = client.post("/webhook", json=payload)
+    assert response.status_code == 400
+    assert response.json is not None and "'action'" in response.json["error"]
+    assert fake.calls == []
+
+
+def test_metrics(client: FlaskClient) -> None:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.json == {"model_version": "wafer-v1", "predictions": 3}
+
+
+def test_unknown_routes_and_methods_answer_json(client: FlaskClient) -> None:
+    assert client.get("/nope").status_code == 404
+    response = client.get("/predict")
+    assert response.status_code == 405
+    assert response.is_json and response.json is not None and response.json["error"]
+
+
+def test_oversized_bodies_are_refused(fake: FakeBackend) -> None:
+    small = create_app(as_backend(fake), basic_auth=None, max_body_bytes=1000).test_client()
+    response = small.post("/predict", json={"tasks": [{"data": {"image": "x" * 2000}}]})
+    assert response.status_code == 413
+    assert response.is_json
+    assert fake.calls == []
+
+
+def test_health_needs_no_credentials(locked: FlaskClient) -> None:
+    response = locked.get("/health")
+    assert response.status_code == 200
+    assert response.json is not None and response.json["status"] == "UP"
+
+
+ROUTES = [
+    ("GET", "/metrics", None),
+    ("POST", "/setup", {"project": "1.1", "schema": "<View/>"}),
+    ("POST", "/predict", PREDICT_BODY),
+    ("POST", "/webhook", {"action": "START_TRAINING", "project": {"id": 1}}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic(USER, "wrong"),
+        basic("someone", PASSWORD),
+        basic(USER, PASSWORD + "x"),
+        {"Authorization": f"Token {LS_TOKEN}"},
+        {"Authorization": "Basic !!!not-base64"},
+    ],
+    ids=["none", "wrong-password", "wrong-user", "longer-password", "token", "garbage"],
+)
+def test_auth_refuses_without_the_right_credentials(
+    locked: FlaskClient,
+    fake: FakeBackend,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str],
+) -> None:
+    response = locked.open(path, method=method, json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert response.is_json and response.json is not None and response.json["error"]
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_auth_lets_the_right_credentials_in(
+    locked: FlaskClient, method: str, path: str, body: Any
+) -> None:
+    response = locked.open(path, method=method, json=body, headers=basic(USER, PASSWORD))
+    assert response.status_code == 200, response.json
+
+
+def test_auth_comes_before_body_checks(locked: FlaskClient) -> None:
+    assert locked.post("/predict", data="{bad").status_code == 401
+    assert locked.post("/predict", data="{bad", headers=basic(USER, PASSWORD)).status_code == 400
+
+
+@pytest.mark.parametrize("pair", [("", "x"), ("x", ""), ("only-one",)])
+def test_auth_settings_are_checked(fake: FakeBackend, pair: Any) -> None:
+    with pytest.raises(ValueError, match="basic_auth"):
+        create_app(as_backend(fake), basic_auth=pair)
+
+
+def test_nothing_from_requests_reaches_the_log(
+    locked: FlaskClient, fake: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail_predict = True
+    secret_body = {**PREDICT_BODY, "params": {"login": "ls-user", "password": "data-pass-123"}}
+    with caplog.at_level(logging.DEBUG):
+        locked.post("/predict", json=secret_body, headers=basic(USER, PASSWORD))
+        locked.post(
+            "/setup", json={"schema": "<View/>", "access_token": LS_TOKEN}, headers=basic(USER, "x")
+        )
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    for secret in (PASSWORD, "data-pass-123", LS_TOKEN, "/data/upload/1/a.png"):
+        assert secret not in logged
+
+
+def test_app_is_a_flask_app(fake: FakeBackend) -> None:
+    app = create_app(as_backend(fake), basic_auth=None)
+    assert isinstance(app, flask.Flask)
+    assert {r.rule for r in app.url_map.iter_rules()} >= {
+        "/health",
+        "/setup",
+        "/predict",
+        "/webhook",
+        "/metrics",
+    }
