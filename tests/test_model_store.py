@@ -39,10 +39,10 @@ def test_publish_keeps_old_versions_and_switches_the_served_one(tmp_path: Path) 
     other = ModelStore(tmp_path, CPU)
     served = other.load_current()
     assert served is not None and served.card.version == "v002-set1"
+    mine = store.load_current()
+    assert mine is not None
     codes = np.random.default_rng(0).integers(0, 3, (4, 16, 16)).astype(np.uint8)
-    np.testing.assert_allclose(
-        served.predict_proba(codes), store.load_current().predict_proba(codes), atol=1e-6
-    )  # type: ignore[union-attr]
+    np.testing.assert_allclose(served.predict_proba(codes), mine.predict_proba(codes), atol=1e-6)
 
 
 def test_an_existing_version_is_never_overwritten(tmp_path: Path) -> None:
