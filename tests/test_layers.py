@@ -24,7 +24,7 @@ LAYERS = {
         "metrics",
         "report",
     },
-    1: {"classifier", "training", "sources", "plots", "model_store", "images"},
+    1: {"classifier", "training", "sources", "plots", "model_store", "images", "labelstudio"},
     2: {"study", "size_benchmark", "predictions"},
     3: {"cli", "__main__", "app"},
 }

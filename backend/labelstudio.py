@@ -1,0 +1,574 @@
+"""The Label Studio client: the only module that imports `label_studio_sdk`.
+
+Layer L1. A small typed face over `label_studio_sdk.LabelStudio` (SDK 2.1.2, server 1.23.2) that
+speaks in project and task ids and plain dicts, and turns every SDK or transport failure into a
+`LabelStudioError` whose message names the call, the HTTP status and Label Studio's own reason.
+Response headers (they carry session cookies) and the API key never reach a message or a log.
+
+What Label Studio does in reply to these calls, as measured against 1.23.2:
+- `import_tasks` fires one TASKS_CREATED webhook per chunk.
+- `accept_prediction` fires ANNOTATION_CREATED (the backend hears its own annotations).
+- `set_model_version` fires PROJECT_UPDATED.
+- `update_task_data`, `create_predictions` and `create_view` fire no webhook.
+- START_TRAINING is not a webhook action (registering it is a 400); Label Studio sends
+  `{"action": "START_TRAINING", "project": {...}}` straight to `<ml backend url>/webhook`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self, cast
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.core.parse_error import ParsingError
+
+log = logging.getLogger(__name__)
+
+#: Events the ML backend's `/webhook` listens to (all are Label Studio webhook actions).
+WEBHOOK_ACTIONS: tuple[str, ...] = (
+    "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATION_UPDATED",
+    "TASKS_CREATED",
+)
+#: Tasks (and predictions) sent per import request.
+IMPORT_CHUNK = 500
+#: Tasks fetched per page when listing.
+PAGE_SIZE = 500
+
+
+class LabelStudioError(RuntimeError):
+    """A Label Studio call failed; `status_code` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class FilterOperator(StrEnum):
+    """Data Manager filter operators (the ones this project uses)."""
+
+    EQUAL = "equal"
+    NOT_EQUAL = "not_equal"
+    LESS = "less"
+    GREATER = "greater"
+    LESS_OR_EQUAL = "less_or_equal"
+    GREATER_OR_EQUAL = "greater_or_equal"
+    IN = "in"
+    NOT_IN = "not_in"
+    CONTAINS = "contains"
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """One Data Manager filter on a task column.
+
+    `column` is a task column without the `tasks:` prefix: `data.set`, `data.route`,
+    `total_annotations`, `predictions_score`, ... `value_type` is the Data Manager type
+    (`Number`, `String`, `Boolean`, `Datetime`); `value` is a number or string, or
+    `{"min": a, "max": b}` for IN / NOT_IN.
+    """
+
+    column: str
+    operator: FilterOperator
+    value_type: str
+    value: Any
+
+    def to_data_manager(self) -> dict[str, Any]:
+        """The `{"filter": "filter:tasks:...", "operator", "type", "value"}` item LS expects."""
+        return {
+            "filter": f"filter:tasks:{_bare_column(self.column)}",
+            "operator": str(self.operator),
+            "type": self.value_type,
+            "value": self.value,
+        }
+
+
+def set_filter(set_number: int) -> TaskFilter:
+    """The tasks of one wafer set (`data.set == set_number`)."""
+    return TaskFilter("data.set", FilterOperator.EQUAL, "Number", set_number)
+
+
+def unlabelled_filter() -> TaskFilter:
+    """Tasks without an annotation."""
+    return TaskFilter("total_annotations", FilterOperator.EQUAL, "Number", 0)
+
+
+def _bare_column(column: str) -> str:
+    for prefix in ("filter:tasks:", "tasks:"):
+        column = column.removeprefix(prefix)
+    return column
+
+
+def _ordering_column(column: str) -> str:
+    """`-data.entropy` or `-tasks:data.entropy` -> `-tasks:data.entropy`."""
+    descending = column.startswith("-")
+    bare = _bare_column(column.removeprefix("-"))
+    return f"{'-' if descending else ''}tasks:{bare}"
+
+
+def _filters_query(filters: Sequence[TaskFilter], conjunction: str = "and") -> dict[str, Any]:
+    return {"conjunction": conjunction, "items": [f.to_data_manager() for f in filters]}
+
+
+def _reason(body: Any) -> str:
+    """Label Studio's own explanation from an error body, without anything else."""
+    if isinstance(body, Mapping):
+        parts = [str(body[key]) for key in ("detail", "validation_errors") if body.get(key)]
+        if parts:
+            return "; ".join(parts)
+    text = str(body) if body is not None else ""
+    return text[:500]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class LabelStudioClient:
+    """Label Studio as this project needs it: projects, tasks, predictions, views, webhooks.
+
+    Works with a legacy token (`Authorization: Token ...`, needs
+    LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on new servers) or a personal access token (the SDK
+    exchanges it for short-lived access tokens). Close it (or use `with`) to free the connection pool.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        """`http_client` replaces the transport (tests pass one with `httpx.MockTransport`)."""
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"Label Studio URL must start with http:// or https://, got {url!r}")
+        if not api_key:
+            raise ValueError("Label Studio API key is empty")
+        self.url = url.rstrip("/")
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout, follow_redirects=True)
+        self._sdk = LabelStudio(
+            base_url=self.url, api_key=api_key, timeout=timeout, httpx_client=self._http
+        )
+
+    def __repr__(self) -> str:
+        return f"LabelStudioClient(url={self.url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connection pool when this client made it."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """Turn SDK and transport failures of `what` into a LabelStudioError."""
+        try:
+            yield
+        except (ApiError, ParsingError) as exc:
+            # `from None`: the SDK's own message lists the response headers (session cookie).
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: {what} failed with HTTP {exc.status_code}: "
+                f"{_reason(exc.body)}",
+                exc.status_code,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: {what} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    # ---- connection -------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, url: str, api_key: str, *, timeout: float = 30.0) -> LabelStudioClient:
+        """A client whose server answers `/health` and accepts `api_key`.
+
+        The LabelStudioError says which of the two failed: the server (unreachable, or not
+        Label Studio) or the key (rejected, e.g. a legacy token on an organization that has
+        legacy tokens disabled).
+        """
+        client = cls(url, api_key, timeout=timeout)
+        try:
+            client.check()
+        except LabelStudioError:
+            client.close()
+            raise
+        return client
+
+    def check(self) -> None:
+        """Raise LabelStudioError unless the server is up and the API key works."""
+        try:
+            response = self._http.get(f"{self.url}/health")
+        except httpx.HTTPError as exc:
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if response.status_code != 200:
+            raise LabelStudioError(
+                f"{self.url}/health answered HTTP {response.status_code}: "
+                "is this the Label Studio URL?",
+                response.status_code,
+            )
+        try:
+            self._sdk.users.whoami()
+        except (ApiError, ParsingError) as exc:
+            if exc.status_code in (401, 403):
+                raise LabelStudioError(
+                    f"Label Studio at {self.url} is up but rejected the API key "
+                    f"(HTTP {exc.status_code}: {_reason(exc.body)}); use the token from "
+                    "Account & Settings, and for legacy tokens start Label Studio with "
+                    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true",
+                    exc.status_code,
+                ) from None
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: checking the API key failed with HTTP "
+                f"{exc.status_code}: {_reason(exc.body)}",
+                exc.status_code,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: checking the API key failed: {exc}"
+            ) from exc
+
+    # ---- projects -----------------------------------------------------------------------------
+
+    def create_project(self, title: str, label_config: str, description: str = "") -> int:
+        """Create a project; Label Studio wants a title of 3 to 50 characters."""
+        with self._call(f"creating project {title!r}"):
+            project = self._sdk.projects.create(
+                title=title, label_config=label_config, description=description
+            )
+        if project.id is None:
+            raise LabelStudioError(f"Label Studio created project {title!r} without an id")
+        log.info("created Label Studio project %d (%s)", project.id, title)
+        return project.id
+
+    def find_project(self, title: str) -> int | None:
+        """The id of the project titled exactly `title`, None when there is none.
+
+        Raises LabelStudioError when several projects carry that title.
+        """
+        with self._call(f"looking up project {title!r}"):
+            projects: Iterable[Any] = self._sdk.projects.list(title=title)
+            found = [p.id for p in projects if p.title == title]
+        ids = sorted(i for i in found if i is not None)
+        if len(ids) > 1:
+            raise LabelStudioError(f"several Label Studio projects are titled {title!r}: {ids}")
+        return ids[0] if ids else None
+
+    def project_label_config(self, project: int) -> str:
+        """The labeling config XML the project holds now."""
+        with self._call(f"reading project {project}"):
+            config = self._sdk.projects.get(project).label_config
+        return config or ""
+
+    def project_model_version(self, project: int) -> str:
+        """`project.model_version`: the predictions Data Manager score filters count."""
+        with self._call(f"reading project {project}"):
+            version = self._sdk.projects.get(project).model_version
+        return version or ""
+
+    def set_model_version(self, project: int, version: str) -> None:
+        """Point the project at `version` (fires PROJECT_UPDATED).
+
+        Label Studio accepts only a version that some prediction of the project carries or that
+        is the title of a connected ML backend (else a LabelStudioError, HTTP 400), and always
+        accepts "". So store the new model's first predictions, then switch. Data Manager score
+        filters and sorting count only predictions of this version, and "retrieve predictions"
+        skips tasks that already have one of it.
+        """
+        with self._call(f"setting model version of project {project}"):
+            self._sdk.projects.update(id=project, model_version=version)
+
+    # ---- ML backend and webhooks ------------------------------------------------------------
+
+    def connect_ml_backend(
+        self, project: int, url: str, title: str, basic_auth: tuple[str, str] | None = None
+    ) -> int:
+        """Connect the ML backend at `url` to the project; returns the backend's id.
+
+        Label Studio calls `GET <url>/health` and `POST <url>/setup` before it answers (a 400
+        here when they fail), sets project.model_version to `title` when it was empty, and
+        registers a webhook `<url>/webhook` for all actions WITHOUT the basic-auth header
+        (`register_webhook` on that URL fixes its headers and actions). Loopback URLs need
+        ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false on the Label Studio side.
+        """
+        auth: dict[str, Any] = {}
+        if basic_auth is not None:
+            user, password = basic_auth
+            auth = {
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": user,
+                "basic_auth_pass": password,
+            }
+        with self._call(f"connecting ML backend {url} to project {project}"):
+            backend = self._sdk.ml.create(
+                project=project, url=url, title=title, is_interactive=False, **auth
+            )
+        if backend.id is None:
+            raise LabelStudioError(f"Label Studio connected ML backend {url} without an id")
+        return backend.id
+
+    def ml_backends(self, project: int) -> list[dict[str, Any]]:
+        """The ML backends connected to the project (id, url, title, state, ...)."""
+        with self._call(f"listing ML backends of project {project}"):
+            backends = self._sdk.ml.list(project=project)
+        return [b.model_dump(mode="json") for b in backends]
+
+    def register_webhook(
+        self,
+        project: int,
+        url: str,
+        headers: Mapping[str, str],
+        actions: Sequence[str] = WEBHOOK_ACTIONS,
+    ) -> int:
+        """Send the project's `actions` with their payload to `url`, with `headers`.
+
+        Idempotent: a webhook of this project with the same URL (e.g. the one connecting an ML
+        backend registered) is updated instead of duplicated. Label Studio posts synchronously
+        with a short timeout, so the receiver must answer fast.
+        """
+        payload: dict[str, Any] = {
+            "url": url,
+            "headers": dict(headers),
+            "send_payload": True,
+            "send_for_all_actions": False,
+            "actions": list(actions),
+            "is_active": True,
+        }
+        with self._call(f"registering webhook for project {project}"):
+            existing = [w for w in self._sdk.webhooks.list(project=str(project)) if w.url == url]
+            if existing and existing[0].id is not None:
+                webhook = self._sdk.webhooks.update(id=existing[0].id, **payload)
+            else:
+                webhook = self._sdk.webhooks.create(project=project, **payload)
+        if webhook.id is None:
+            raise LabelStudioError(f"Label Studio registered webhook {url} without an id")
+        return webhook.id
+
+    def webhooks(self, project: int) -> list[dict[str, Any]]:
+        """The project's webhooks as Label Studio stores them (url, headers, actions, ...)."""
+        with self._call(f"listing webhooks of project {project}"):
+            hooks = self._sdk.webhooks.list(project=str(project))
+        return [w.model_dump(mode="json") for w in hooks if w.project == project]
+
+    # ---- Data Manager views -------------------------------------------------------------------
+
+    def create_view(
+        self,
+        project: int,
+        title: str,
+        filters: Sequence[TaskFilter] = (),
+        ordering: Sequence[str] = (),
+        *,
+        conjunction: str = "and",
+        hidden_columns: Sequence[str] = (),
+    ) -> int:
+        """A Data Manager tab named `title`; returns its id. Idempotent by title.
+
+        `ordering` holds columns like `-data.entropy` (descending) or `data.wafer_index`;
+        Label Studio sorts by the first one only. `hidden_columns` (e.g. `data.image`) are
+        hidden in the table. Label Studio applies the filters and ordering on the server, so
+        `tasks(view=...)` and the UI show the same tasks in the same order.
+        """
+        if conjunction not in ("and", "or"):
+            raise ValueError(f"conjunction must be 'and' or 'or', got {conjunction!r}")
+        hidden = [f"tasks:{_bare_column(c)}" for c in hidden_columns]
+        data: dict[str, Any] = {
+            "title": title,
+            "filters": _filters_query(filters, conjunction),
+            "ordering": [_ordering_column(c) for c in ordering],
+            "hiddenColumns": {"explore": hidden, "labeling": hidden},
+        }
+        with self._call(f"saving view {title!r} of project {project}"):
+            same = [
+                v for v in self._sdk.views.list(project=project) if _view_title(v.data) == title
+            ]
+            if same and same[0].id is not None:
+                view = self._sdk.views.update(str(same[0].id), project=project, data=data)
+            else:
+                view = self._sdk.views.create(project=project, data=data)
+        if view.id is None:
+            raise LabelStudioError(f"Label Studio saved view {title!r} without an id")
+        return view.id
+
+    def view(self, view: int) -> dict[str, Any]:
+        """A view's `data` as Label Studio returns it: title, filters, ordering, hiddenColumns."""
+        with self._call(f"reading view {view}"):
+            found = self._sdk.views.get(str(view))
+        return dict(found.data or {})
+
+    # ---- tasks -------------------------------------------------------------------------------
+
+    def import_tasks(
+        self, project: int, tasks: Sequence[Mapping[str, Any]], *, chunk_size: int = IMPORT_CHUNK
+    ) -> list[int]:
+        """Import task data dicts (`{"image": ..., "set": ...}`); returns the ids in order.
+
+        Sends `chunk_size` tasks per request; each request fires one TASKS_CREATED webhook.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        ids: list[int] = []
+        for chunk in _chunks(tasks, chunk_size):
+            with self._call(f"importing {len(chunk)} tasks into project {project}"):
+                response = self._sdk.projects.import_tasks(
+                    project, request=cast(Any, [dict(t) for t in chunk]), return_task_ids=True
+                )
+            # `task_ids` is not in the SDK's response model but the server sends it.
+            got = [int(i) for i in getattr(response, "task_ids", None) or []]
+            if len(got) != len(chunk):
+                raise LabelStudioError(
+                    f"Label Studio imported {len(got)} of {len(chunk)} tasks into project {project}"
+                )
+            ids.extend(got)
+        log.info("imported %d tasks into Label Studio project %d", len(ids), project)
+        return ids
+
+    def tasks(
+        self,
+        project: int,
+        filters: Sequence[TaskFilter] = (),
+        *,
+        ordering: str = "tasks:id",
+        view: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Full task dicts (id, data, annotations, predictions, total_annotations, ...).
+
+        Each annotation's `completed_by` is the user id (Label Studio itself sends a user
+        object from the single-task endpoint and an id from the list endpoint).
+
+        Without `view`, the tasks matching all `filters`, sorted by `ordering` (task id by
+        default). With `view`, that Data Manager tab's filters and ordering apply instead.
+        """
+        query = None
+        if view is None:
+            query = json.dumps(
+                {"filters": _filters_query(filters), "ordering": [_ordering_column(ordering)]}
+            )
+        with self._call(f"listing tasks of project {project}"):
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project, query=query, view=view, fields="all", page_size=PAGE_SIZE
+            )
+            return [_task_dict(task) for task in pager]
+
+    def tasks_of_set(
+        self, project: int, set_number: int, *, only_unlabelled: bool = False
+    ) -> list[dict[str, Any]]:
+        """The tasks whose `data.set` is `set_number`, by task id, with their predictions and
+        annotations; only those without an annotation when `only_unlabelled`."""
+        filters = [set_filter(set_number)]
+        if only_unlabelled:
+            filters.append(unlabelled_filter())
+        return self.tasks(project, filters)
+
+    def task(self, task: int) -> dict[str, Any]:
+        """One task with its annotations and predictions (same shape as `tasks`)."""
+        with self._call(f"reading task {task}"):
+            return _task_dict(self._sdk.tasks.get(str(task)))
+
+    def update_task_data(self, task: int, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `data` into the task's data and return the merged data.
+
+        Label Studio replaces `task.data` as a whole on PATCH, so this reads the task first:
+        two writers updating the same task at once can lose each other's fields.
+        Fires no webhook.
+        """
+        with self._call(f"updating data of task {task}"):
+            current = self._sdk.tasks.get(str(task)).data or {}
+            merged = {**current, **data}
+            updated = self._sdk.tasks.update(id=str(task), data=merged)
+        return dict(updated.data or merged)
+
+    # ---- predictions and annotations --------------------------------------------------------
+
+    def create_predictions(
+        self,
+        project: int,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        chunk_size: int = IMPORT_CHUNK,
+    ) -> int:
+        """Store predictions `{task, result, score, model_version}` in bulk; returns how many.
+
+        One request per `chunk_size` items; a task id outside the project fails the request.
+        Fires no webhook.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        created = 0
+        for chunk in _chunks(items, chunk_size):
+            with self._call(f"storing {len(chunk)} predictions in project {project}"):
+                response = self._sdk.projects.import_predictions(
+                    project, request=cast(Any, [dict(item) for item in chunk])
+                )
+            created += int(response.created or 0)
+        return created
+
+    def accept_prediction(
+        self,
+        task: int,
+        project: int,
+        result: Sequence[Mapping[str, Any]],
+        prediction_id: int | None,
+    ) -> int:
+        """Turn a prediction into an annotation by the API key's user; returns the annotation id.
+
+        `parent_prediction` records which prediction it came from. Fires ANNOTATION_CREATED,
+        whose `annotation.completed_by` is this client's user.
+        """
+        extra: dict[str, Any] = {}
+        if prediction_id is not None:
+            extra["parent_prediction"] = prediction_id
+        with self._call(f"annotating task {task}"):
+            annotation = self._sdk.annotations.create(
+                id=task, project=project, result=[dict(r) for r in result], **extra
+            )
+        if annotation.id is None:
+            raise LabelStudioError(f"Label Studio annotated task {task} without an id")
+        return annotation.id
+
+    def current_user_id(self) -> int:
+        """The id of the user the API key belongs to (`completed_by` of its annotations)."""
+        with self._call("reading the current user"):
+            user = self._sdk.users.whoami()
+        return user.id
+
+
+def _task_dict(task: Any) -> dict[str, Any]:
+    """A task model as a JSON-like dict, with `completed_by` reduced to the user id."""
+    found: dict[str, Any] = task.model_dump(mode="json")
+    for annotation in found.get("annotations") or []:
+        user = annotation.get("completed_by")
+        if isinstance(user, Mapping):
+            annotation["completed_by"] = user.get("id")
+    return found
+
+
+def _view_title(data: Any) -> str | None:
+    if isinstance(data, Mapping):
+        title = data.get("title")
+        return title if isinstance(title, str) else None
+    return None
