@@ -205,8 +205,7 @@ def save_version(classifier: WaferClassifier, path: Path) -> Path:
     return path
 
 
-def load_version(path: Path, device: torch.device) -> WaferClassifier:
-    """Read a model version written by `save_version`; errors say what is wrong with the file."""
+def _read_payload(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -215,6 +214,17 @@ def load_version(path: Path, device: torch.device) -> WaferClassifier:
         raise ValueError(f"{path} is not a readable model version: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a model version of format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def read_card(path: Path) -> ModelCard:
+    """A version's card alone, without building its network."""
+    return ModelCard.from_dict(_read_payload(path)["card"])
+
+
+def load_version(path: Path, device: torch.device) -> WaferClassifier:
+    """Read a model version written by `save_version`; errors say what is wrong with the file."""
+    payload = _read_payload(path)
     card = ModelCard.from_dict(payload["card"])
     network = build_network(card.backbone, len(card.failure_types), seed=0)
     network.load_state_dict(payload["state_dict"])

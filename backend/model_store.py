@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from backend.classifier import ModelCard, WaferClassifier, load_version, save_version
+from backend.classifier import ModelCard, WaferClassifier, load_version, read_card, save_version
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -81,7 +81,7 @@ class ModelStore:
 
     def card(self, version: str) -> ModelCard:
         """A stored version's card (reads the file; for status reports, not for serving)."""
-        return load_version(self.path_of(version), torch.device("cpu")).card
+        return read_card(self.path_of(version))
 
     def _write_current(self, version: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
-from backend.classifier import autocast, to_inputs
+from backend.classifier import autocast, batches, to_inputs
 
 BALANCES = ("sqrt", "inverse", "none")
 
@@ -118,13 +118,9 @@ def recalibrate_batch_norm(
     evaluation mode. One pass over up to BATCH_NORM_WAFERS training wafers fixes that.
     """
     pick = torch.randperm(len(data), generator=generator)[:BATCH_NORM_WAFERS].to(device)
-    inputs = (to_inputs(data[pick[part]]) for part in _chunks(len(pick), 4 * batch_size))
+    inputs = (to_inputs(data[pick[part]]) for part in batches(len(pick), 4 * batch_size))
     with torch.no_grad(), autocast(device):
         torch.optim.swa_utils.update_bn(inputs, network)
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def train_network(
