@@ -5,6 +5,13 @@ Commands:
   simulate       run the uncertainty-labeling study over the wafer sets (resumable)
   compare-sizes  accuracy and speed of the model input sizes on one split (benchmark)
   settings       print the settings the environment gives
+
+Label Studio (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, see README.md):
+  setup-project  create and wire a project: labeling config, ML backend, webhook, views
+  import-sets    import the initial labelled set and the wafer sets of a wafer-map file
+  status         per set: wafers, auto labels, engineer labels, waiting; the model versions
+  retrain        ask the worker to retrain now (as Start Training in Label Studio does)
+  demo           the whole system on this machine; --simulate-engineers runs the loop
 """
 
 from __future__ import annotations
@@ -131,7 +138,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print the settings from the environment")
     settings.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+
+    wire = sub.add_parser("setup-project", help="create and wire a Label Studio project")
+    wire.add_argument("--title", default="Wafer maps", help="project title ('Wafer maps')")
+    wire.add_argument(
+        "--backend-url", help="where Label Studio reaches the backend (env WAFER_BACKEND_URL)"
+    )
+    wire.set_defaults(data=None)
+
+    imp = sub.add_parser("import-sets", help="import the initial set and the wafer sets")
+    _add_data_flags(imp)
+    _add_plan_flags(imp)
+    imp.add_argument("--project", default="Wafer maps", help="project title or id")
+    imp.add_argument(
+        "--only", type=int, nargs="+", help="import only these set numbers (0 = initial set)"
+    )
+    imp.add_argument(
+        "--truth",
+        type=Path,
+        default=Path("runs/truth.csv"),
+        help="where the true failure types of the imported wafers are written (for simulations)",
+    )
+
+    status = sub.add_parser("status", help="where the labeling stands, per set")
+    status.add_argument("--project", default="Wafer maps", help="project title or id")
+    status.set_defaults(data=None)
+
+    retrain = sub.add_parser(
+        "retrain", help="queue the loop's next step (retrain if a set is done)"
+    )
+    retrain.add_argument("--project", default="Wafer maps", help="project title or id")
+    retrain.set_defaults(data=None)
+
+    demo = sub.add_parser("demo", help="run Redis, Label Studio, the backend and a worker here")
+    _add_data_flags(demo)
+    _add_plan_flags(demo)
+    demo.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE)")
+    demo.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (resnet50)")
+    demo.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
+    demo.add_argument("--epochs", type=int, help="epochs per retraining (env WAFER_EPOCHS)")
+    demo.add_argument(
+        "--simulate-engineers",
+        action="store_true",
+        help="label each set's uncertain wafers with their true types, run the loop to the end",
+    )
+    demo.add_argument("--label-studio-port", type=int, default=8080)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (wiped)")
     return parser
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--subsample", type=float, default=0.01, help="stratified share of labelled wafers (0.01)"
+    )
+    p.add_argument("--sets", type=int, default=9, help="wafer sets after the initial set (9)")
+    p.add_argument("--initial-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +218,27 @@ def _run(args: argparse.Namespace) -> int:
         print(settings)
         return 0
     labels = _label_config(settings)
+    if args.command in ("setup-project", "import-sets", "status", "retrain"):
+        from backend.cli_labelstudio import run_label_studio_command
+
+        return run_label_studio_command(args, settings, labels)
+    if args.command == "demo":
+        from backend.demo import DemoConfig, main_demo
+
+        settings = dataclasses.replace(
+            settings, **({"epochs": args.epochs} if args.epochs is not None else {})
+        )
+        wafers, _ = _load(settings, labels)
+        config = DemoConfig(
+            out=args.out,
+            subsample=args.subsample,
+            initial_fraction=args.initial_fraction,
+            sets=args.sets,
+            seed=args.seed,
+            label_studio_port=args.label_studio_port,
+            simulate_engineers=args.simulate_engineers,
+        )
+        return main_demo(config, settings, labels, wafers)
     if args.command == "convert":
         _load(settings, labels)
         return 0

@@ -27,6 +27,9 @@ from typing import Any, Self, cast
 
 import httpx
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.actions.types.prepare_params_request_request_selected_items_included import (
+    PrepareParamsRequestRequestSelectedItemsIncluded,
+)
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.parse_error import ParsingError
 
@@ -489,15 +492,18 @@ class LabelStudioClient:
         with self._call(f"reading task {task}"):
             return _task_dict(self._sdk.tasks.get(str(task)))
 
-    def update_task_data(self, task: int, data: Mapping[str, Any]) -> dict[str, Any]:
+    def update_task_data(
+        self, task: int, data: Mapping[str, Any], *, current: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Merge `data` into the task's data and return the merged data.
 
-        Label Studio replaces `task.data` as a whole on PATCH, so this reads the task first:
-        two writers updating the same task at once can lose each other's fields.
-        Fires no webhook.
+        Label Studio replaces `task.data` as a whole on PATCH, so this reads the task first
+        unless `current` (the task's data as just listed) is given: two writers updating the
+        same task at once can lose each other's fields. Fires no webhook.
         """
         with self._call(f"updating data of task {task}"):
-            current = self._sdk.tasks.get(str(task)).data or {}
+            if current is None:
+                current = self._sdk.tasks.get(str(task)).data or {}
             merged = {**current, **data}
             updated = self._sdk.tasks.update(id=str(task), data=merged)
         return dict(updated.data or merged)
@@ -549,6 +555,26 @@ class LabelStudioClient:
         if annotation.id is None:
             raise LabelStudioError(f"Label Studio annotated task {task} without an id")
         return annotation.id
+
+    def accept_predictions(self, project: int, tasks: Sequence[int], model_version: str) -> None:
+        """Turn each listed task's `model_version` prediction into an annotation, in one call.
+
+        Label Studio's "Create Annotations From Predictions" Data Manager action: every
+        annotation gets `parent_prediction` and this client's user as `completed_by`, and ONE
+        ANNOTATIONS_CREATED webhook fires for all of them. Label Studio does not look at the
+        task's other annotations, so pass only tasks that have none.
+        """
+        if not tasks:
+            return
+        with self._call(f"accepting predictions of {len(tasks)} tasks in project {project}"):
+            self._sdk.actions.create(
+                id="predictions_to_annotations",
+                project=project,
+                selected_items=PrepareParamsRequestRequestSelectedItemsIncluded(
+                    all_=False, included=[int(t) for t in tasks]
+                ),
+                request_options={"additional_body_parameters": {"model_version": model_version}},
+            )
 
     def current_user_id(self) -> int:
         """The id of the user the API key belongs to (`completed_by` of its annotations)."""

@@ -27,7 +27,21 @@ ENVIRONMENT = {
     "WAFER_DEVICE": "auto (default: cuda when available), cpu or cuda",
     "WAFER_WEIGHTS": "optional local weights file to start the backbone from",
     "MODEL_DIR": "where model versions are written (default ./models)",
+    "LABEL_STUDIO_URL": "Label Studio base URL (default http://127.0.0.1:8080)",
+    "LABEL_STUDIO_API_KEY": "API token of the Label Studio account the backend labels as (its auto labels carry that user)",
+    "REDIS_URL": "Redis for the job queues (default redis://127.0.0.1:6379/0)",
+    "BASIC_AUTH_USER": "with BASIC_AUTH_PASS: every backend route but /health needs these credentials",
+    "BASIC_AUTH_PASS": "see BASIC_AUTH_USER",
+    "WAFER_BACKEND_URL": "where Label Studio reaches this backend (default http://127.0.0.1:9090)",
+    "WAFER_TARGET_ACCURACY": "labeling accuracy the auto-accept threshold is calibrated to (default 0.995)",
+    "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence or entropy",
+    "WAFER_ROUTE_THRESHOLD": "fixed threshold on that measure instead of calibration (engineer when above)",
+    "WAFER_EPOCHS": "training epochs per retraining (default 5)",
+    "WAFER_VALIDATION_FRACTION": "share of annotated wafers held out to calibrate the threshold (default 0.15)",
 }
+
+#: Uncertainty measures a routing rule can use (the values of backend.uncertainty.Measure).
+ROUTE_MEASURES = ("margin", "least-confidence", "entropy")
 
 
 def _default_cache(environ: Mapping[str, str]) -> Path:
@@ -43,6 +57,19 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+def _float(environ: Mapping[str, str], name: str, default: float | None) -> float | None:
+    text = environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {text!r}") from None
+    if value != value:  # NaN
+        raise ValueError(f"{name} must be a number, got {text!r}")
+    return value
 
 
 def _choice(environ: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -64,6 +91,16 @@ class Settings:
     device: str = "auto"
     weights_path: Path | None = None
     model_dir: Path = REPO_ROOT / "models"
+    label_studio_url: str = "http://127.0.0.1:8080"
+    label_studio_api_key: str = field(default="", repr=False)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    backend_url: str = "http://127.0.0.1:9090"
+    target_accuracy: float = 0.995
+    route_measure: str = "margin"
+    route_threshold: float | None = None
+    epochs: int = 5
+    validation_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -72,6 +109,24 @@ class Settings:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+        if not 0.0 < self.target_accuracy < 1.0:
+            raise ValueError(f"target accuracy must be within (0, 1), got {self.target_accuracy}")
+        if self.route_measure not in ROUTE_MEASURES:
+            raise ValueError(f"route measure must be one of {', '.join(ROUTE_MEASURES)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation fraction must be within (0, 1), got {self.validation_fraction}"
+            )
+        for name, url in (
+            ("LABEL_STUDIO_URL", self.label_studio_url),
+            ("WAFER_BACKEND_URL", self.backend_url),
+        ):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must start with http:// or https://, got {url!r}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"REDIS_URL must start with redis://, got {self.redis_url!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -88,4 +143,30 @@ class Settings:
             device=_choice(environ, "WAFER_DEVICE", "auto", DEVICES),
             weights_path=Path(weights).expanduser() if weights else None,
             model_dir=Path(environ.get("MODEL_DIR") or REPO_ROOT / "models").expanduser(),
+            label_studio_url=(environ.get("LABEL_STUDIO_URL") or cls.label_studio_url).rstrip("/"),
+            label_studio_api_key=environ.get("LABEL_STUDIO_API_KEY", ""),
+            redis_url=environ.get("REDIS_URL") or cls.redis_url,
+            basic_auth=_basic_auth(environ),
+            backend_url=(environ.get("WAFER_BACKEND_URL") or cls.backend_url).rstrip("/"),
+            target_accuracy=_float(environ, "WAFER_TARGET_ACCURACY", 0.995) or 0.995,
+            route_measure=_choice(environ, "WAFER_ROUTE_MEASURE", "margin", ROUTE_MEASURES),
+            route_threshold=_float(environ, "WAFER_ROUTE_THRESHOLD", None),
+            epochs=_int(environ, "WAFER_EPOCHS", 5),
+            validation_fraction=_float(environ, "WAFER_VALIDATION_FRACTION", 0.15) or 0.15,
         )
+
+    def require_label_studio(self) -> tuple[str, str]:
+        """(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), or a ValueError saying what to set."""
+        if not self.label_studio_api_key:
+            raise ValueError(
+                "LABEL_STUDIO_API_KEY is not set: use the token of the Label Studio account "
+                "the backend should label as (Account & Settings -> Access Token)"
+            )
+        return self.label_studio_url, self.label_studio_api_key
+
+
+def _basic_auth(environ: Mapping[str, str]) -> tuple[str, str] | None:
+    user, password = environ.get("BASIC_AUTH_USER", ""), environ.get("BASIC_AUTH_PASS", "")
+    if bool(user) != bool(password):
+        raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+    return (user, password) if user else None

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
+from backend.labelstudio import LabelStudioClient
 from backend.sources import DEFAULT_DATA, LoadReport, load_wafers
+from backend.stack import LabelStudioServer, running_label_studio
 from backend.wafers import WaferMaps
 
 
@@ -32,3 +34,19 @@ def real_wafers(
     if not DEFAULT_DATA.is_file():
         pytest.fail(f"WM-811K is expected at {DEFAULT_DATA} (the shared data folder)")
     yield load_wafers(DEFAULT_DATA, label_config.failure_types, real_cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A real Label Studio 1.23.2 for the session; LABEL_STUDIO_TEST_DATA_DIR keeps its database."""
+    configured = os.environ.get("LABEL_STUDIO_TEST_DATA_DIR")
+    data_dir = Path(configured) if configured else tmp_path_factory.mktemp("label-studio")
+    with running_label_studio(data_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ls(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
+    """The admin's client of that server."""
+    with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as client:
+        yield client

@@ -10,14 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,11 +30,10 @@ from backend.labelstudio import (
     LabelStudioError,
     TaskFilter,
 )
-from tests.label_studio_server import (
+from backend.stack import (
     LabelStudioServer,
     create_user,
     free_port,
-    running_label_studio,
 )
 
 #: The top-level keys of the ANNOTATION_CREATED payload (send_payload=True), measured.
@@ -69,21 +66,6 @@ TASKS_CREATED_KEYS = {"action", "project", "tasks"}
 
 
 # ---- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    """A real Label Studio for the session; LABEL_STUDIO_TEST_DATA_DIR keeps its database."""
-    configured = os.environ.get("LABEL_STUDIO_TEST_DATA_DIR")
-    data_dir = Path(configured) if configured else tmp_path_factory.mktemp("label-studio")
-    with running_label_studio(data_dir) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def ls(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
-    with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as client:
-        yield client
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,27 @@ LAYERS = {
         "metrics",
         "report",
     },
-    1: {"classifier", "training", "sources", "plots", "model_store", "images", "labelstudio"},
-    2: {"study", "size_benchmark", "predictions"},
-    3: {"cli", "__main__", "app"},
+    1: {
+        "classifier",
+        "training",
+        "sources",
+        "plots",
+        "model_store",
+        "images",
+        "labelstudio",
+        "stack",
+    },
+    2: {
+        "study",
+        "size_benchmark",
+        "predictions",
+        "wafer_sets",
+        "jobs",
+        "events",
+        "ops",
+        "engineers",
+    },
+    3: {"cli", "cli_labelstudio", "__main__", "app", "service", "demo"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 PURE_ALLOWED = {"numpy"} | set(sys.stdlib_module_names)

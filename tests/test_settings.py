@@ -40,3 +40,49 @@ def test_environment_overrides() -> None:
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+def test_service_settings_from_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "LABEL_STUDIO_URL": "http://ls:8080/",
+            "LABEL_STUDIO_API_KEY": "abc123",
+            "REDIS_URL": "redis://r:6379/3",
+            "BASIC_AUTH_USER": "fab",
+            "BASIC_AUTH_PASS": "pw",
+            "WAFER_TARGET_ACCURACY": "0.99",
+            "WAFER_ROUTE_MEASURE": "entropy",
+            "WAFER_ROUTE_THRESHOLD": "0.2",
+            "WAFER_EPOCHS": "2",
+        }
+    )
+    assert settings.label_studio_url == "http://ls:8080"
+    assert settings.require_label_studio() == ("http://ls:8080", "abc123")
+    assert settings.redis_url == "redis://r:6379/3" and settings.basic_auth == ("fab", "pw")
+    assert (settings.target_accuracy, settings.route_measure) == (0.99, "entropy")
+    assert settings.route_threshold == 0.2 and settings.epochs == 2
+    assert "abc123" not in repr(settings) and "pw" not in repr(settings)
+
+
+def test_service_defaults_and_missing_key() -> None:
+    settings = Settings.from_env({})
+    assert settings.basic_auth is None and settings.route_threshold is None
+    assert settings.route_measure == "margin" and settings.target_accuracy == 0.995
+    with pytest.raises(ValueError, match="LABEL_STUDIO_API_KEY is not set"):
+        settings.require_label_studio()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BASIC_AUTH_USER": "fab"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+        ({"WAFER_TARGET_ACCURACY": "1.5"}, "target accuracy must be within"),
+        ({"WAFER_ROUTE_THRESHOLD": "high"}, "WAFER_ROUTE_THRESHOLD must be a number"),
+        ({"WAFER_ROUTE_MEASURE": "variance"}, "WAFER_ROUTE_MEASURE must be one of"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
+        ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL must start with http"),
+    ],
+)
+def test_bad_service_values_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)

@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# Wafer-map ML backend for Label Studio 1.23.2: the HTTP backend (gunicorn) and the rq worker
+# run from this one image (see docker-compose.yml and docs/docker.md).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Non-root user; /models and /cache are created here so that named volumes mounted there start
+# out owned by this user.
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin wafer \
+ && mkdir -p /models /cache \
+ && chown wafer:wafer /models /cache
+
+WORKDIR /app
+
+# Dependencies first, in their own layer: code edits do not reinstall them.
+# Same install as scripts/install: a venv, pip upgraded, `pip install -r requirements.txt` from the
+# ordinary registry (no extra index: torch 2.14.0 / torchvision 0.29.2 from PyPI run on CPU-only
+# hosts and on NVIDIA GPUs alike; they make the image large, about 6 GB), then `pip check`.
+# requirements.txt also pins label-studio itself (the backend shares its pins) and the test tools.
+COPY requirements.txt .
+# hadolint ignore=DL3013
+RUN python -m venv "$VIRTUAL_ENV" \
+ && pip install --upgrade pip \
+ && pip install --progress-bar off -r requirements.txt \
+ && pip check
+
+COPY label_config.xml model.py _wsgi.py ./
+COPY backend/ backend/
+
+USER 10001:10001
+ENV MODEL_DIR=/models \
+    WAFER_CACHE_DIR=/cache
+
+EXPOSE 9090
+CMD ["gunicorn", "--bind", "0.0.0.0:9090", "--workers", "1", "--threads", "4", "--timeout", "300", "_wsgi:app"]

@@ -1,0 +1,248 @@
+"""`python -m backend demo`: the whole system on this machine, and optionally the whole loop.
+
+Layer L3. Starts Redis (unless one answers at REDIS_URL), Label Studio on 127.0.0.1 with a
+preset admin, an `auto-labeler` account for the backend and an `engineer` account, the backend
+under gunicorn and one rq worker; creates and wires the project; imports the initial set (with
+its known labels) and the wafer sets of a WM-811K subsample; prints where to log in.
+
+With `--simulate-engineers` it then plays the engineers: for each set in turn it waits until
+the backend has pre-annotated and auto-accepted it, labels the uncertain wafers with their true
+failure types through the SDK, and measures the time from that last label to the next set
+being pre-annotated and accepted by the retrained model. It ends with a per-set table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from backend.engineers import SetOutcome, label_uncertain, set_outcome, wait_until_idle
+from backend.jobs import QUEUES
+from backend.label_config import LabelConfig
+from backend.labelstudio import LabelStudioClient
+from backend.ops import ENGINEER_VIEW, wire_project
+from backend.settings import Settings
+from backend.stack import (
+    Credentials,
+    create_user,
+    free_port,
+    running_backend,
+    running_label_studio,
+    running_redis,
+    running_worker,
+    wait_for_worker,
+)
+from backend.wafer_sets import import_sets, plan_sets, read_truth, write_truth
+from backend.wafers import WaferMaps
+
+PROJECT_TITLE = "Wafer maps (demo)"
+AUTO_LABELER = "auto-labeler@example.com"
+ENGINEER = "engineer@example.com"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    subsample: float
+    initial_fraction: float
+    sets: int
+    seed: int
+    label_studio_port: int
+    simulate_engineers: bool
+    set_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SetRow:
+    outcome: SetOutcome
+    engineer_seconds: float  # labelling the uncertain wafers through the SDK
+    next_set_seconds: float  # last label -> next set pre-annotated and accepted
+
+
+def _service_env(settings: Settings, ls_url: str, token: str, redis_url: str) -> dict[str, str]:
+    env = {
+        "LABEL_STUDIO_URL": ls_url,
+        "LABEL_STUDIO_API_KEY": token,
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(settings.model_dir),
+        "WAFER_BACKBONE": settings.backbone,
+        "WAFER_IMAGE_SIZE": str(settings.image_size),
+        "WAFER_DEVICE": settings.device,
+        "WAFER_EPOCHS": str(settings.epochs),
+        "WAFER_TARGET_ACCURACY": str(settings.target_accuracy),
+        "WAFER_ROUTE_MEASURE": settings.route_measure,
+        "WAFER_CACHE_DIR": str(settings.cache_dir),
+        "LABEL_CONFIG": str(settings.label_config_path),
+    }
+    if settings.route_threshold is not None:
+        env["WAFER_ROUTE_THRESHOLD"] = str(settings.route_threshold)
+    if settings.weights_path is not None:
+        env["WAFER_WEIGHTS"] = str(settings.weights_path)
+    return env
+
+
+def _clear_loop_state(redis: Redis) -> None:
+    """Forget the loop keys and queued jobs of an earlier demo (its projects are gone)."""
+    from rq import Queue
+
+    for key in redis.scan_iter("wafermap:*"):
+        redis.delete(key)
+    for name in QUEUES:
+        Queue(name, connection=redis).empty()
+
+
+def run_demo(
+    config: DemoConfig,
+    settings: Settings,
+    labels: LabelConfig,
+    wafers: WaferMaps,
+    say: Callable[[str], None],
+) -> list[SetRow]:
+    """Bring the system up, import the sets, and (optionally) run the loop to the end."""
+    out = config.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    settings = dataclasses.replace(settings, model_dir=out / "models")
+    plan = plan_sets(
+        wafers,
+        subsample=config.subsample,
+        initial_fraction=config.initial_fraction,
+        n_sets=config.sets,
+        seed=config.seed,
+    )
+    truth_path = write_truth(out / "truth.csv", plan)
+    say(
+        f"wafer sets: initial {len(plan.split.initial)}, "
+        + ", ".join(f"set {i + 1}: {len(s)}" for i, s in enumerate(plan.split.sets))
+    )
+    rows: list[SetRow] = []
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(running_redis(settings.redis_url, out / "redis"))
+        redis = Redis.from_url(redis_url)
+        _clear_loop_state(redis)
+        say("starting Label Studio (about a minute on a first start) ...")
+        ls = stack.enter_context(
+            running_label_studio(out / "label-studio", port=config.label_studio_port)
+        )
+        auto = create_user(ls, AUTO_LABELER, secrets.token_urlsafe(16))
+        engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
+        env = _service_env(settings, ls.url, auto.token, redis_url)
+        backend_url = stack.enter_context(running_backend(env, free_port(), out / "backend.log"))
+        stack.enter_context(running_worker(env, redis_url, QUEUES, out / "worker.log"))
+        wait_for_worker(redis_url, QUEUES, timeout=60)
+        service = dataclasses.replace(
+            settings, label_studio_url=ls.url, label_studio_api_key=auto.token
+        )
+        with LabelStudioClient.connect(ls.url, ls.api_key) as admin:
+            wiring = wire_project(admin, service, PROJECT_TITLE, backend_url)
+        with LabelStudioClient.connect(ls.url, auto.token) as backend_account:
+            import_sets(backend_account, wiring.project, plan, labels, report=say)
+            auto_user = backend_account.current_user_id()
+        _print_login(ls.url, ls.admin, engineer, wiring.project, wiring.views, out, say)
+        (out / "logins.json").write_text(
+            json.dumps({"url": ls.url, "admin": ls.admin.__dict__, "engineer": engineer.__dict__})
+        )
+        (out / "logins.json").chmod(0o600)
+        if not config.simulate_engineers:
+            say("the loop runs; press Ctrl-C to stop everything")
+            while True:
+                time.sleep(3600)
+        truth = read_truth(truth_path)
+        say("training the first model on the initial set and opening set 1 ...")
+        wait_until_idle(redis, wiring.project, config.set_timeout_s)
+        with (
+            LabelStudioClient.connect(ls.url, engineer.token) as person,
+            LabelStudioClient.connect(ls.url, auto.token) as backend_account,
+        ):
+            for number in range(1, config.sets + 1):
+                start = time.monotonic()
+                labelled = label_uncertain(person, wiring.project, number, truth, labels)
+                engineer_seconds = time.monotonic() - start
+                next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
+                outcome = set_outcome(
+                    backend_account, wiring.project, number, truth, labels, auto_user
+                )
+                rows.append(SetRow(outcome, engineer_seconds, next_seconds))
+                say(
+                    f"set {number}: {outcome.engineer} engineer labels ({labelled} now), "
+                    f"{outcome.auto} auto labels, {outcome.auto_errors} wrong, model "
+                    f"{outcome.model_version}; next set ready {next_seconds:.1f} s after the "
+                    "last engineer label"
+                )
+        (out / "results.json").write_text(json.dumps([_row_json(r) for r in rows], indent=2))
+        (out / "results.md").write_text(results_table(rows))
+    return rows
+
+
+def _row_json(row: SetRow) -> dict[str, Any]:
+    return dataclasses.asdict(row.outcome) | {
+        "engineer_ratio": row.outcome.engineer_ratio,
+        "accuracy": row.outcome.accuracy,
+        "engineer_seconds": row.engineer_seconds,
+        "next_set_seconds": row.next_set_seconds,
+    }
+
+
+def results_table(rows: list[SetRow]) -> str:
+    """The per-set table and the totals, as Markdown."""
+    lines = [
+        "| set | wafers | engineer labels | auto labels | wrong auto labels | accuracy "
+        "| model version | last label -> next set ready |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        o = r.outcome
+        lines.append(
+            f"| {o.set_number} | {o.wafers} | {o.engineer} ({o.engineer_ratio:.1%}) | {o.auto} "
+            f"| {o.auto_errors} | {o.accuracy:.2%} | {o.model_version} "
+            f"| {r.next_set_seconds:.1f} s |"
+        )
+    wafers = sum(r.outcome.wafers for r in rows)
+    engineer = sum(r.outcome.engineer for r in rows)
+    errors = sum(r.outcome.auto_errors for r in rows)
+    if wafers:
+        lines.append(
+            f"| all | {wafers} | {engineer} ({engineer / wafers:.1%}) "
+            f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _print_login(
+    url: str,
+    admin: Credentials,
+    engineer: Credentials,
+    project: int,
+    views: dict[str, int] | Any,
+    out: Path,
+    say: Callable[[str], None],
+) -> None:
+    say("")
+    say(f"Label Studio: {url}/projects/{project}/data?tab={views[ENGINEER_VIEW]}")
+    say(
+        f"  log in as {admin.email} / {admin.password}  (or {engineer.email} / {engineer.password})"
+    )
+    say(f"  the '{ENGINEER_VIEW}' tab lists the wafers waiting for engineers")
+    say(f"  logins are in {out / 'logins.json'}; logs: {out}/*.log, label-studio/label-studio.log")
+    say("")
+
+
+def main_demo(
+    config: DemoConfig, settings: Settings, labels: LabelConfig, wafers: WaferMaps
+) -> int:
+    rows = run_demo(config, settings, labels, wafers, lambda s: print(s, file=sys.stderr))
+    if rows:
+        print(results_table(rows))
+    return 0

@@ -1,0 +1,129 @@
+"""Simulated engineers, and waiting for the loop to settle. Layer L2.
+
+For demos and tests: an "engineer" labels every wafer of a set that nobody labelled, with its
+true WM-811K failure type, through the SDK under their own Label Studio account, as a person
+would in the labeling UI. Their labels fire ANNOTATION_CREATED webhooks like a person's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from backend.jobs import QUEUES, advance_key, label_of
+from backend.label_config import LabelConfig
+from backend.labelstudio import LabelStudioClient
+from backend.wafer_sets import choice_result
+
+
+def loop_busy(redis: Redis) -> bool:
+    """True while a loop job is queued or running (any project)."""
+    for name in QUEUES:
+        queue = Queue(name, connection=redis)
+        if queue.count or StartedJobRegistry(queue=queue).count:
+            return True
+    return False
+
+
+def wait_until_idle(
+    redis: Redis, project: int, timeout: float, *, settle: float = 1.5, poll: float = 0.5
+) -> float:
+    """Wait until no loop job is queued or running and none was asked for during `settle`
+    seconds (webhooks arrive a moment after the annotations that cause them). Returns the
+    seconds until the loop went quiet (the settling time not counted); TimeoutError after
+    `timeout`."""
+    start = time.monotonic()
+    quiet_since: float | None = None
+    while True:
+        now = time.monotonic()
+        busy = loop_busy(redis) or bool(redis.exists(advance_key(project)))
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= settle:
+            return quiet_since - start
+        if now - start > timeout:
+            raise TimeoutError(f"the labeling loop was still busy after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def label_uncertain(
+    client: LabelStudioClient,
+    project: int,
+    set_number: int,
+    truth: Mapping[int, str],
+    labels: LabelConfig,
+) -> int:
+    """Label every unlabelled wafer of the set with its true failure type; returns how many."""
+    count = 0
+    for task in client.tasks_of_set(project, set_number, only_unlabelled=True):
+        wafer = int((task.get("data") or {})["wafer_id"])
+        client.accept_prediction(task["id"], project, choice_result(labels, truth[wafer]), None)
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class SetOutcome:
+    """How one set was labelled, checked against the true failure types."""
+
+    set_number: int
+    wafers: int
+    engineer: int
+    auto: int
+    auto_errors: int
+    waiting: int
+    model_version: str
+
+    @property
+    def engineer_ratio(self) -> float:
+        return self.engineer / self.wafers if self.wafers else 0.0
+
+    @property
+    def accuracy(self) -> float:
+        """Share of the set's wafers labelled correctly (engineer labels count as right)."""
+        return 1.0 - self.auto_errors / self.wafers if self.wafers else 1.0
+
+
+def set_outcome(
+    client: LabelStudioClient,
+    project: int,
+    set_number: int,
+    truth: Mapping[int, str],
+    labels: LabelConfig,
+    auto_user: int,
+) -> SetOutcome:
+    """Count engineer and auto labels of a set and the auto labels that are wrong."""
+    engineer = auto = errors = waiting = 0
+    versions: set[str] = set()
+    for task in client.tasks_of_set(project, set_number):
+        data: dict[str, Any] = task.get("data") or {}
+        if data.get("model_version"):
+            versions.add(str(data["model_version"]))
+        annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        if not annotations:
+            waiting += 1
+            continue
+        by_person = [a for a in annotations if a.get("completed_by") != auto_user]
+        if by_person:
+            engineer += 1
+            continue
+        auto += 1
+        if label_of(task, labels, auto_user) != truth.get(int(data.get("wafer_id", -1))):
+            errors += 1
+    return SetOutcome(
+        set_number=set_number,
+        wafers=engineer + auto + waiting,
+        engineer=engineer,
+        auto=auto,
+        auto_errors=errors,
+        waiting=waiting,
+        model_version=", ".join(sorted(versions)),
+    )

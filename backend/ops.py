@@ -1,0 +1,163 @@
+"""What ops do to a Label Studio project: wire it to the backend, and read where it stands.
+
+Layer L2 (Label Studio client + model store + the loop's bookkeeping from backend.jobs).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from backend.jobs import SetState, set_states
+from backend.label_config import parse_label_config
+from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, unlabelled_filter
+from backend.model_store import ModelStore
+from backend.settings import Settings
+from backend.uncertainty import Measure
+from backend.wafer_sets import INITIAL_SET
+
+#: Data Manager tabs the set-up command creates (title -> purpose).
+ENGINEER_VIEW = "Engineer queue: most uncertain first"
+AUTO_VIEW = "Auto labels"
+UNREADABLE_VIEW = "Unreadable pictures"
+BACKEND_TITLE = "wafermap-resnet"
+#: The Data Manager column each measure is sorted by, most uncertain first.
+UNCERTAIN_FIRST = {
+    Measure.MARGIN: "data.margin",
+    Measure.LEAST_CONFIDENCE: "-data.least_confidence",
+    Measure.ENTROPY: "-data.entropy",
+}
+HIDDEN_COLUMNS = ("data.image",)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What `wire_project` made or found."""
+
+    project: int
+    created: bool
+    ml_backend: int
+    webhook: int
+    views: Mapping[str, int]
+
+
+def _route_is(route: str) -> TaskFilter:
+    return TaskFilter("data.route", FilterOperator.EQUAL, "String", route)
+
+
+def wire_project(
+    client: LabelStudioClient, settings: Settings, title: str, backend_url: str
+) -> Wiring:
+    """Find or create the project, connect the backend, register its webhook, make the views.
+
+    Idempotent: running it again changes nothing that is already right. The labeling config
+    comes from LABEL_CONFIG (label_config.xml); an existing project must have the same
+    failure types.
+    """
+    xml = settings.label_config_path.read_text()
+    wanted = parse_label_config(xml)
+    project = client.find_project(title)
+    created = project is None
+    if project is None:
+        project = client.create_project(
+            title, xml, description="Wafer-map failure patterns; uncertain wafers for engineers"
+        )
+    else:
+        have = parse_label_config(client.project_label_config(project))
+        if have.failure_types != wanted.failure_types:
+            raise ValueError(
+                f"project {title!r} labels {', '.join(have.failure_types)}, not the "
+                f"{', '.join(wanted.failure_types)} of {settings.label_config_path}"
+            )
+    url = backend_url.rstrip("/")
+    existing = [b for b in client.ml_backends(project) if str(b.get("url", "")).rstrip("/") == url]
+    if existing:
+        backend_id = int(existing[0]["id"])
+    else:
+        backend_id = client.connect_ml_backend(project, url, BACKEND_TITLE, settings.basic_auth)
+    headers: dict[str, str] = {}
+    if settings.basic_auth is not None:
+        token = base64.b64encode(":".join(settings.basic_auth).encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    webhook = client.register_webhook(project, f"{url}/webhook", headers)
+    measure = Measure(settings.route_measure)
+    views = {
+        ENGINEER_VIEW: client.create_view(
+            project,
+            ENGINEER_VIEW,
+            [unlabelled_filter(), _route_is("engineer")],
+            [UNCERTAIN_FIRST[measure]],
+            hidden_columns=HIDDEN_COLUMNS,
+        ),
+        AUTO_VIEW: client.create_view(
+            project,
+            AUTO_VIEW,
+            [_route_is("auto")],
+            [UNCERTAIN_FIRST[measure]],
+            hidden_columns=HIDDEN_COLUMNS,
+        ),
+        UNREADABLE_VIEW: client.create_view(
+            project, UNREADABLE_VIEW, [_route_is("error")], hidden_columns=HIDDEN_COLUMNS
+        ),
+    }
+    return Wiring(project, created, backend_id, webhook, views)
+
+
+def project_id(client: LabelStudioClient, title_or_id: str) -> int:
+    """A project id from its title (or from a number)."""
+    if title_or_id.isdigit():
+        return int(title_or_id)
+    found = client.find_project(title_or_id)
+    if found is None:
+        raise ValueError(f"there is no Label Studio project titled {title_or_id!r}")
+    return found
+
+
+def project_status(
+    client: LabelStudioClient, store: ModelStore, project: int
+) -> tuple[dict[int, SetState], list[dict[str, Any]]]:
+    """Per set counts and the stored model versions with their validation figures."""
+    version = store.current_version()
+    states = set_states(client.tasks(project), client.current_user_id(), version)
+    versions: list[dict[str, Any]] = []
+    for name in store.versions():
+        try:
+            card = store.card(name)
+        except ValueError as exc:
+            versions.append({"version": name, "error": str(exc)})
+            continue
+        versions.append(
+            {
+                "version": name,
+                "served": name == version,
+                "trained_through_set": card.training.get("trained_through_set"),
+                **{k: card.metrics[k] for k in sorted(card.metrics)},
+            }
+        )
+    return states, versions
+
+
+def status_table(states: Mapping[int, SetState], versions: list[dict[str, Any]]) -> str:
+    """The status as Markdown tables."""
+    lines = [
+        "| set | wafers | auto | engineer | known | waiting | predicted by served model |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, s in states.items():
+        name = "initial" if n == INITIAL_SET else str(n)
+        lines.append(
+            f"| {name} | {s.total} | {s.auto} | {s.engineer} | {s.known} | {s.waiting} "
+            f"| {s.predicted} |"
+        )
+    lines += ["", "| version | served | through set | val wafers | val accuracy | threshold |"]
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for v in versions:
+        acc = v.get("validation_accuracy")
+        lines.append(
+            f"| {v['version']} | {'yes' if v.get('served') else ''} "
+            f"| {v.get('trained_through_set', '')} | {int(v.get('validation_wafers', 0))} "
+            f"| {'' if acc is None else f'{acc:.2%}'} | {v.get('route_threshold', '')} |"
+        )
+    return "\n".join(lines)
