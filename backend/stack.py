@@ -659,3 +659,21 @@ def wait_for_worker(
             time.sleep(0.2)
     finally:
         connection.close()
+
+
+def with_redis(url: str, command: Sequence[str], data_dir: Path) -> int:
+    """Run `command` with a Redis answering at `url` (started for it when none does)."""
+    with running_redis(url, data_dir):
+        return subprocess.call(list(command))
+
+
+if __name__ == "__main__":
+    # `python -m backend.stack with-redis URL -- COMMAND...` (used by scripts/test).
+    import tempfile
+
+    args = sys.argv[1:]
+    if len(args) < 4 or args[0] != "with-redis" or args[2] != "--":
+        print("usage: python -m backend.stack with-redis URL -- COMMAND...", file=sys.stderr)
+        raise SystemExit(2)
+    with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
+        raise SystemExit(with_redis(args[1], args[3:], Path(tmp)))
