@@ -205,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "interrupted: finished sets are kept; run the same command to resume", file=sys.stderr
+            "interrupted (a study keeps its finished sets: run the same command to resume)",
+            file=sys.stderr,
         )
         return 130
 

@@ -51,7 +51,7 @@ from backend.calibration import calibrate
 from backend.classifier import ModelCard, WaferClassifier, build_network, pick_device
 from backend.images import ImageError, model_input
 from backend.label_config import LabelConfig, parse_label_config
-from backend.labelstudio import LabelStudioClient
+from backend.labelstudio import LabelStudioClient, set_filter, unlabelled_filter
 from backend.model_store import ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, to_label_studio
 from backend.routing import Route, RoutingRule
@@ -59,6 +59,7 @@ from backend.settings import Settings
 from backend.splits import stratified_train_val
 from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.uncertainty import Measure, uncertainty
+from backend.wafer_sets import INITIAL_SET
 
 log = logging.getLogger(__name__)
 
@@ -201,29 +202,60 @@ class NextStep:
     set_number: int | None = None
 
 
-def next_step(states: Mapping[int, SetState], trained_through: int | None) -> NextStep:
-    """The loop's decision from the set counts and the served model's last trained set.
+def decide(
+    finished_through: int | None,
+    open_set: int | None,
+    open_set_predicted: bool,
+    trained_through: int | None,
+) -> NextStep:
+    """The loop's decision.
 
-    Retrain through S when sets 0..S are all finished and the served model has not seen S;
-    otherwise open the lowest unfinished set (pre-annotate it) unless every wafer of it has a
-    prediction of the served model; otherwise wait for engineers (or for the next import).
+    `finished_through` is the last set of the unbroken run 0..S of fully labelled sets (None
+    when set 0 is not), `open_set` the lowest set with an unlabelled wafer (None when none),
+    `open_set_predicted` whether every wafer of it has a prediction of the served model, and
+    `trained_through` the last set the served model learnt from (None without a model).
+
+    Retrain through S when the served model has not seen S; otherwise open the open set
+    (pre-annotate it) unless the served model predicted all of it already; otherwise wait.
     """
-    finished_prefix: int | None = None
+    if finished_through is not None and (
+        trained_through is None or finished_through > trained_through
+    ):
+        return NextStep("retrain", finished_through)
+    if open_set is None or trained_through is None:
+        return NextStep("wait")
+    if not open_set_predicted:
+        return NextStep("open", open_set)
+    return NextStep("wait", open_set)
+
+
+def next_step(states: Mapping[int, SetState], trained_through: int | None) -> NextStep:
+    """`decide` from per-set counts (as `set_states` makes them from a task listing)."""
+    finished_through: int | None = None
     for number in sorted(states):
         if not states[number].finished:
             break
-        finished_prefix = number
-    if finished_prefix is not None and (
-        trained_through is None or finished_prefix > trained_through
-    ):
-        return NextStep("retrain", finished_prefix)
+        finished_through = number
     open_sets = [n for n in sorted(states) if not states[n].finished]
-    if not open_sets or trained_through is None:
-        return NextStep("wait")
-    first = states[open_sets[0]]
-    if first.predicted < first.total:
-        return NextStep("open", first.number)
-    return NextStep("wait", first.number)
+    open_set = open_sets[0] if open_sets else None
+    predicted = open_set is not None and states[open_set].predicted >= states[open_set].total
+    return decide(finished_through, open_set, predicted, trained_through)
+
+
+def loop_position(client: LabelStudioClient, project: int) -> tuple[int | None, int | None]:
+    """(finished_through, open_set) from two small queries per set, whatever the project's size.
+
+    Sets are numbered 0 (the initial set), 1, 2, ... without gaps; the first number without
+    any task ends the walk.
+    """
+    finished_through: int | None = None
+    number = INITIAL_SET
+    while client.first_task(project, [set_filter(number)]) is not None:
+        if client.first_task(project, [set_filter(number), unlabelled_filter()]) is not None:
+            return finished_through, number
+        finished_through = number
+        number += 1
+    return finished_through, None
 
 
 def trained_through(card: ModelCard | None) -> int | None:
@@ -388,8 +420,17 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
         for _ in range(2):
             classifier = bench.store.load_current()
             version = classifier.card.version if classifier is not None else None
-            states = set_states(bench.client.tasks(project), bench.auto_user, version)
-            step = next_step(states, trained_through(classifier.card if classifier else None))
+            finished_through, open_set = loop_position(bench.client, project)
+            predicted = open_set is not None and all(
+                any(p.get("model_version") == version for p in t.get("predictions") or [])
+                for t in bench.client.tasks_of_set(project, open_set)
+            )
+            step = decide(
+                finished_through,
+                open_set,
+                predicted,
+                trained_through(classifier.card if classifier else None),
+            )
             if step.action == "retrain" and step.set_number is not None:
                 enqueued = request_retrain(bench.redis, project, step.set_number)
                 done.append({"action": "retrain", "set": step.set_number, "enqueued": enqueued})

@@ -477,6 +477,19 @@ class LabelStudioClient:
             )
             return [_task_dict(task) for task in pager]
 
+    def first_task(self, project: int, filters: Sequence[TaskFilter]) -> dict[str, Any] | None:
+        """The lowest-id task matching all `filters` (without its annotations), or None.
+
+        One small request whatever the project's size: for "is there any ..." questions.
+        """
+        query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
+        with self._call(f"looking up a task of project {project}"):
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project, query=query, fields="task_only", page_size=1
+            )
+            first = next(iter(pager), None)
+        return None if first is None else _task_dict(first)
+
     def tasks_of_set(
         self, project: int, set_number: int, *, only_unlabelled: bool = False
     ) -> list[dict[str, Any]]:
