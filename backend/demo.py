@@ -17,6 +17,7 @@ import dataclasses
 import json
 import secrets
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -239,9 +240,21 @@ def _print_login(
     say("")
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and `kill` both stop every process the demo started (a shell may start it with
+    SIGINT ignored, e.g. in the background)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main_demo(
     config: DemoConfig, settings: Settings, labels: LabelConfig, wafers: WaferMaps
 ) -> int:
+    _stop_on_signals()
     rows = run_demo(config, settings, labels, wafers, lambda s: print(s, file=sys.stderr))
     if rows:
         print(results_table(rows))

@@ -17,7 +17,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.jobs import request_advance
+from backend.jobs import opened_key, request_advance
 
 #: Actions that can finish a set or bring a new one.
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
@@ -82,6 +82,9 @@ def handle_event(
         if annotations and own is not None and all(_user(a) == own for a in annotations):
             return {"status": "ignored", "action": action, "reason": "the backend's own labels"}
     try:
+        if action == "TASKS_CREATED":
+            # New wafers may belong to a set already pre-annotated: have it looked at again.
+            redis.delete(opened_key(project))
         queued = request_advance(redis, project)
     except RedisError as exc:
         raise QueueUnavailableError(

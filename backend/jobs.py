@@ -51,7 +51,13 @@ from backend.calibration import calibrate
 from backend.classifier import ModelCard, WaferClassifier, build_network, pick_device
 from backend.images import ImageError, model_input
 from backend.label_config import LabelConfig, parse_label_config
-from backend.labelstudio import LabelStudioClient, set_filter, unlabelled_filter
+from backend.labelstudio import (
+    FilterOperator,
+    LabelStudioClient,
+    TaskFilter,
+    set_filter,
+    unlabelled_filter,
+)
 from backend.model_store import ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, to_label_studio
 from backend.routing import Route, RoutingRule
@@ -90,6 +96,11 @@ def retrain_key(project: int, set_number: int) -> str:
 
 def advance_key(project: int) -> str:
     return f"wafermap:project:{project}:advance-pending"
+
+
+def opened_key(project: int) -> str:
+    """Redis hash: set number -> the model version that pre-annotated all of it."""
+    return f"wafermap:project:{project}:opened"
 
 
 def retrain_job_id(project: int, set_number: int) -> str:
@@ -413,29 +424,37 @@ def retrain_job(project: int, set_number: int) -> dict[str, Any]:
 # ---- the steps ---------------------------------------------------------------------------------
 
 
+def _open_set_predicted(bench: Workbench, project: int, open_set: int, version: str) -> bool:
+    """Whether every wafer of the open set has a prediction of `version`: the mark the last
+    pre-annotation left in Redis, else (no mark, e.g. new tasks came in) a listing of the set."""
+    mark = bench.redis.hget(opened_key(project), str(open_set))
+    if isinstance(mark, bytes) and mark.decode() == version:
+        return True
+    return all(
+        any(p.get("model_version") == version for p in t.get("predictions") or [])
+        for t in bench.client.tasks_of_set(project, open_set)
+    )
+
+
 def advance(bench: Workbench, project: int) -> dict[str, Any]:
     """One pass of the loop's decision; pre-annotating may finish a set and so ask to retrain."""
     with bench.project_lock(project):
         done: list[dict[str, Any]] = []
         for _ in range(2):
-            classifier = bench.store.load_current()
-            version = classifier.card.version if classifier is not None else None
+            card = bench.store.current_card()
             finished_through, open_set = loop_position(bench.client, project)
-            predicted = open_set is not None and all(
-                any(p.get("model_version") == version for p in t.get("predictions") or [])
-                for t in bench.client.tasks_of_set(project, open_set)
+            predicted = (
+                open_set is not None
+                and card is not None
+                and _open_set_predicted(bench, project, open_set, card.version)
             )
-            step = decide(
-                finished_through,
-                open_set,
-                predicted,
-                trained_through(classifier.card if classifier else None),
-            )
+            step = decide(finished_through, open_set, predicted, trained_through(card))
             if step.action == "retrain" and step.set_number is not None:
                 enqueued = request_retrain(bench.redis, project, step.set_number)
                 done.append({"action": "retrain", "set": step.set_number, "enqueued": enqueued})
                 break
-            if step.action == "open" and step.set_number is not None and classifier is not None:
+            classifier = bench.store.load_current() if step.action == "open" else None
+            if step.set_number is not None and classifier is not None:
                 done.append(preannotate_set(bench, project, step.set_number, classifier))
                 continue
             done.append({"action": "wait", "set": step.set_number})
@@ -508,6 +527,8 @@ def preannotate_set(
         and any(p.get("model_version") == version for p in t.get("predictions") or [])
     ]
     bench.client.accept_predictions(project, accept, version)
+    # Every wafer of the set was tried (unreadable ones are not tried again on every event).
+    bench.redis.hset(opened_key(project), str(set_number), version)
     errors = [p.error for p in predictions if not p.ok]
     for message in errors[:20]:
         log.warning("set %d: %s", set_number, message)
@@ -563,7 +584,8 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     s = bench.settings
     current = bench.store.load_current()
     size = current.card.image_size if current is not None else s.image_size
-    tasks = [t for t in bench.client.tasks(project) if _annotations(t)]
+    labelled = TaskFilter("total_annotations", FilterOperator.GREATER, "Number", 0)
+    tasks = [t for t in bench.client.tasks(project, [labelled]) if _annotations(t)]
     codes, classes, skipped = training_examples(bench, tasks, size)
     if len(codes) < 2:
         raise ValueError(

@@ -11,6 +11,7 @@ were; a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -66,6 +67,8 @@ class ModelStore:
         if path.exists():
             raise ValueError(f"model version {classifier.card.version} exists already")
         save_version(classifier, path)
+        card = json.dumps(classifier.card.to_dict(), indent=1)
+        _write_atomically(self.card_path_of(classifier.card.version), card)
         self._write_current(classifier.card.version)
         self._loaded = classifier
         return path
@@ -79,19 +82,36 @@ class ModelStore:
             self._loaded = load_version(self.path_of(version), self.device)
         return self._loaded
 
+    def card_path_of(self, version: str) -> Path:
+        """The card beside a version's weights (JSON, for reading without the weights)."""
+        return self.path_of(version).with_suffix(".card.json")
+
     def card(self, version: str) -> ModelCard:
-        """A stored version's card (reads the file; for status reports, not for serving)."""
-        return read_card(self.path_of(version))
+        """A stored version's card: from its JSON beside the weights, else from the weights."""
+        try:
+            return ModelCard.from_dict(json.loads(self.card_path_of(version).read_text()))
+        except FileNotFoundError:
+            return read_card(self.path_of(version))
+
+    def current_card(self) -> ModelCard | None:
+        """The served version's card without loading its network (None before any model)."""
+        version = self.current_version()
+        return None if version is None else self.card(version)
 
     def _write_current(self, version: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(version + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            Path(tmp).replace(self.root / "CURRENT")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(self.root / "CURRENT", version + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

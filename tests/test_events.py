@@ -10,7 +10,7 @@ from redis import Redis
 from rq import Queue
 
 from backend.events import EventError, QueueUnavailableError, handle_event, project_of
-from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE, advance_key
+from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE, advance_key, opened_key
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
@@ -168,3 +168,11 @@ def test_an_annotation_event_without_annotations_is_queued(redis: Redis) -> None
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": 2}}
     assert handle_event(payload, redis, auto)["status"] == "queued"
     assert events_queued(redis) == 1
+
+
+def test_new_tasks_make_the_open_set_be_looked_at_again(redis: Redis) -> None:
+    redis.hset(opened_key(4), "1", "v001-set0")
+    handle_event({"action": "START_TRAINING", "project": {"id": 4}}, redis, auto)
+    assert redis.hget(opened_key(4), "1") == b"v001-set0"
+    handle_event({"action": "TASKS_CREATED", "project": {"id": 4}, "tasks": []}, redis, auto)
+    assert not redis.exists(opened_key(4))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import ModelCard, WaferClassifier, build_network, read_card
 from backend.model_store import ModelStore
 
 CPU = torch.device("cpu")
@@ -68,7 +68,23 @@ def test_a_crash_while_publishing_keeps_serving_the_old_version(
         store.publish(classifier("v002-set1"))
     assert store.current_version() == "v001-set0"
     assert store.versions() == ["v001-set0"]
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["CURRENT", "v001-set0.pt", "versions"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "CURRENT",
+        "v001-set0.card.json",
+        "v001-set0.pt",
+        "versions",
+    ]
+
+
+def test_cards_are_read_without_the_weights(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, CPU)
+    assert store.current_card() is None
+    store.publish(classifier("v001-set0"))
+    from_json = store.card("v001-set0")
+    assert from_json == read_card(store.path_of("v001-set0"))
+    assert store.current_card() == from_json
+    store.card_path_of("v001-set0").unlink()  # versions written before the JSON card existed
+    assert store.card("v001-set0") == from_json
 
 
 @pytest.mark.parametrize("bad", ["", "../escape", "a/b", "x" * 101])
