@@ -29,7 +29,7 @@ from typing import Any
 from redis import Redis
 
 from backend.engineers import SetOutcome, label_uncertain, set_outcome, wait_until_idle
-from backend.jobs import QUEUES
+from backend.jobs import QUEUES, WORKER_CLASS
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.ops import ENGINEER_VIEW, wire_project
@@ -141,7 +141,9 @@ def run_demo(
         engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
         env = _service_env(settings, ls.url, auto.token, redis_url)
         backend_url = stack.enter_context(running_backend(env, free_port(), out / "backend.log"))
-        stack.enter_context(running_worker(env, redis_url, QUEUES, out / "worker.log"))
+        stack.enter_context(
+            running_worker(env, redis_url, QUEUES, out / "worker.log", worker_class=WORKER_CLASS)
+        )
         wait_for_worker(redis_url, QUEUES, timeout=60)
         service = dataclasses.replace(
             settings, label_studio_url=ls.url, label_studio_api_key=auto.token

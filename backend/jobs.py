@@ -45,7 +45,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 from redis import Redis
-from rq import Queue, get_current_job
+from rq import Queue, Worker, get_current_job
 
 from backend.calibration import calibrate
 from backend.classifier import ModelCard, WaferClassifier, build_network, pick_device
@@ -88,6 +88,16 @@ class LabelSource(StrEnum):
     KNOWN = "known"  # imported with the initial set
     AUTO = "auto"  # accepted by the backend from its prediction
     ENGINEER = "engineer"  # labelled by a person in Label Studio
+
+
+class WaferWorker(Worker):
+    """rq's forking worker, named from this module so the worker process imports the job code
+    (and torch, about 4 s) once: ``rq worker -w backend.jobs.WaferWorker ...``. Each job still
+    runs in its own fork, so a crash or a leak in one job does not outlive it."""
+
+
+#: The worker class to name on the command line.
+WORKER_CLASS = f"{__name__}.{WaferWorker.__name__}"
 
 
 def retrain_key(project: int, set_number: int) -> str:

@@ -27,7 +27,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.engineers import label_uncertain, set_outcome, wait_until_idle
-from backend.jobs import QUEUES, TRAINING_QUEUE, retrain_job_id
+from backend.jobs import QUEUES, TRAINING_QUEUE, WORKER_CLASS, retrain_job_id
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.model_store import ModelStore
@@ -108,7 +108,9 @@ def loop(
     )
     with (
         running_backend(env, free_port(), work / "backend.log") as backend_url,
-        running_worker(env, REDIS_URL, QUEUES, work / "worker.log") as worker,
+        running_worker(
+            env, REDIS_URL, QUEUES, work / "worker.log", worker_class=WORKER_CLASS
+        ) as worker,
     ):
         wait_for_worker(REDIS_URL, QUEUES, timeout=60, pid=worker.pid)
         with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as admin:
