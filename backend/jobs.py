@@ -62,7 +62,7 @@ from backend.model_store import ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, to_label_studio
 from backend.routing import Route, RoutingRule
 from backend.settings import Settings
-from backend.splits import stratified_train_val
+from backend.splits import stable_holdout
 from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.uncertainty import Measure, uncertainty
 from backend.wafer_sets import INITIAL_SET
@@ -287,13 +287,32 @@ def trained_through(card: ModelCard | None) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def serving_rule(settings: Settings, card: ModelCard | None) -> RoutingRule:
-    """The routing rule in force: a fixed WAFER_ROUTE_THRESHOLD, else the threshold calibrated
-    for the model version at training time, else (no calibration yet) every wafer to engineers."""
+def serving_rule(
+    settings: Settings, card: ModelCard | None, probs: npt.NDArray[np.float64] | None = None
+) -> RoutingRule:
+    """The routing rule in force for wafers with probabilities `probs`.
+
+    A fixed WAFER_ROUTE_THRESHOLD wins. Else, with the model's held-out validation wafers in
+    its card and the batch's probabilities, the threshold is calibrated now, to
+    WAFER_TARGET_ACCURACY on THIS batch (its own share of confident wafers). Else the threshold
+    calibrated at training time; else (no validation yet) every wafer goes to engineers.
+    """
     measure = Measure(settings.route_measure)
     if settings.route_threshold is not None:
         return RoutingRule(measure, settings.route_threshold)
-    if card is not None and "route_threshold" in card.metrics:
+    if card is None:
+        return RoutingRule(measure, -math.inf)
+    validation = card.training.get("validation")
+    if probs is not None and isinstance(validation, Mapping) and len(probs):
+        stored = Measure(str(validation["measure"]))
+        return calibrate(
+            np.asarray(validation["scores"], dtype=np.float64),
+            np.asarray(validation["correct"], dtype=np.bool_),
+            stored,
+            settings.target_accuracy,
+            new_scores=uncertainty(probs, stored),
+        ).rule
+    if "route_threshold" in card.metrics:
         stored = Measure(str(card.training.get("route_measure", measure.value)))
         return RoutingRule(stored, float(card.metrics["route_threshold"]))
     return RoutingRule(measure, -math.inf)
@@ -504,7 +523,12 @@ def preannotate_set(
     uncertainty in the task data, then accept the confident ones that nobody labelled."""
     started = time.perf_counter()
     version = classifier.card.version
-    rule = serving_rule(bench.settings, classifier.card)
+    chosen: list[RoutingRule] = []
+
+    def rule(probs: npt.NDArray[np.float64]) -> RoutingRule:
+        chosen.append(serving_rule(bench.settings, classifier.card, probs))
+        return chosen[-1]
+
     tasks = [
         t
         for t in bench.client.tasks_of_set(project, set_number)
@@ -546,7 +570,7 @@ def preannotate_set(
         "action": "open",
         "set": set_number,
         "model_version": version,
-        "rule": rule.describe(),
+        "rule": chosen[-1].describe() if chosen else "",
         "predicted": stored,
         "auto_accepted": len(accept),
         "to_engineers": sum(p.route == Route.ENGINEER.value for p in predictions),
@@ -557,14 +581,28 @@ def preannotate_set(
     return outcome
 
 
+@dataclass(frozen=True)
+class TrainingExamples:
+    """The annotated wafers as model inputs: die codes, class indices, task ids, and whether
+    a person gave the label (an engineer, or the initial set's known labels)."""
+
+    codes: npt.NDArray[np.uint8]
+    classes: npt.NDArray[np.int64]
+    task_ids: npt.NDArray[np.int64]
+    by_person: npt.NDArray[np.bool_]
+    skipped: dict[str, int]
+
+
 def training_examples(
     bench: Workbench, tasks: Sequence[Mapping[str, Any]], size: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], dict[str, int]]:
-    """Die codes and class indices of every annotated wafer; unreadable pictures and labels
-    outside the labeling config are skipped and counted."""
+) -> TrainingExamples:
+    """Every annotated wafer; unreadable pictures and labels outside the labeling config are
+    skipped and counted."""
     fetch = bench.fetch(size)
     codes: list[npt.NDArray[np.uint8]] = []
     classes: list[int] = []
+    ids: list[int] = []
+    by_person: list[bool] = []
     skipped: Counter[str] = Counter()
     for task in tasks:
         failure_type = label_of(task, bench.labels, bench.auto_user)
@@ -582,9 +620,20 @@ def training_examples(
             continue
         codes.append(picture)
         classes.append(bench.labels.failure_types.index(failure_type))
-    if not codes:
-        return np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64), dict(skipped)
-    return np.stack(codes), np.asarray(classes, dtype=np.int64), dict(skipped)
+        ids.append(int(task["id"]))
+        by_person.append(
+            any(
+                annotation_source(a, bench.auto_user) is not LabelSource.AUTO
+                for a in _annotations(task)
+            )
+        )
+    return TrainingExamples(
+        codes=np.stack(codes) if codes else np.zeros((0, size, size), np.uint8),
+        classes=np.asarray(classes, dtype=np.int64),
+        task_ids=np.asarray(ids, dtype=np.int64),
+        by_person=np.asarray(by_person, dtype=np.bool_),
+        skipped=dict(skipped),
+    )
 
 
 def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
@@ -596,14 +645,21 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     size = current.card.image_size if current is not None else s.image_size
     labelled = TaskFilter("total_annotations", FilterOperator.GREATER, "Number", 0)
     tasks = [t for t in bench.client.tasks(project, [labelled]) if _annotations(t)]
-    codes, classes, skipped = training_examples(bench, tasks, size)
+    examples = training_examples(bench, tasks, size)
+    codes, classes, skipped = examples.codes, examples.classes, examples.skipped
     if len(codes) < 2:
         raise ValueError(
             f"project {project} has {len(codes)} usable labelled wafers; need at least 2"
         )
     n_classes = len(bench.labels.failure_types)
     seed = int(np.random.SeedSequence([project, set_number]).generate_state(1)[0])
-    train, val = stratified_train_val(classes, s.validation_fraction, np.random.default_rng(seed))
+    # Validation: a stable share of the wafers a PERSON labelled. Stable, so a warm-started
+    # model never trained on them; persons only, so the model is not graded against labels
+    # that an earlier model gave.
+    held_out = stable_holdout(examples.task_ids, s.validation_fraction) & examples.by_person
+    train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    if len(train) < 2:
+        train, val = np.arange(len(codes)), np.zeros(0, dtype=np.intp)
     warm = (
         current is not None
         and current.card.backbone == s.backbone
@@ -644,6 +700,17 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
         correct = probs.argmax(axis=1) == classes[val]
         measure = Measure(s.route_measure)
         cal = calibrate(uncertainty(probs, measure), correct, measure, s.target_accuracy)
+        card = dataclasses.replace(
+            card,
+            training={
+                **card.training,
+                "validation": {
+                    "measure": measure.value,
+                    "scores": [float(x) for x in uncertainty(probs, measure)],
+                    "correct": [bool(x) for x in correct],
+                },
+            },
+        )
         metrics |= {
             "validation_wafers": float(len(val)),
             "validation_accuracy": float(correct.mean()),

@@ -113,7 +113,7 @@ def predict_tasks(
     tasks: Sequence[Mapping[str, Any]],
     classifier: WaferClassifier,
     labels: LabelConfig,
-    rule: RoutingRule,
+    rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     fetch: Callable[[str], npt.NDArray[np.uint8]],
 ) -> list[WaferPrediction]:
     """One `WaferPrediction` per task, in task order.
@@ -149,7 +149,9 @@ def predict_tasks(
     if readable:
         probs = classifier.predict_proba(np.stack(codes))
         lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
-        routes = rule.routes(probs)
+        # A callable picks the rule from the batch's probabilities (calibration to the set).
+        chosen = rule if isinstance(rule, RoutingRule) else rule(probs)
+        routes = chosen.routes(probs)
         best = probs.argmax(axis=1)
         for row, i in enumerate(readable):
             out[i] = WaferPrediction(

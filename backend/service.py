@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import httpx
@@ -71,7 +72,7 @@ class WaferLabelingService:
             message = "no model is trained yet: import the initial labelled set first"
             return [{"model_version": version, "error": message} for _ in tasks]
         fetch = _Fetch(self._http, self.settings, classifier.card.image_size)
-        rule = serving_rule(self.settings, classifier.card)
+        rule = partial(serving_rule, self.settings, classifier.card)
         predictions = predict_tasks(tasks, classifier, self.labels, rule, fetch)
         for p in predictions:
             if not p.ok:

@@ -154,3 +154,22 @@ def stratified_train_val(
     train_mask = np.ones(arr.size, dtype=np.bool_)
     train_mask[val] = False
     return np.flatnonzero(train_mask).astype(np.intp), val
+
+
+#: Knuth's multiplicative hash constant (2^32 / golden ratio).
+_GOLDEN = 2654435761
+
+
+def stable_holdout(ids: npt.ArrayLike, fraction: float) -> npt.NDArray[np.bool_]:
+    """True for the ids held out for validation, the same answer for an id every time.
+
+    Unlike a fresh random split per retraining, a wafer held out once is held out always, so a
+    model warm-started from an earlier one has never trained on today's validation wafers.
+    Roughly `fraction` of any large set of ids is held out.
+    """
+    f = _check_fraction(fraction, "fraction", allow_one=False)
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
+    hashed = (arr.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)
+    return np.asarray(hashed.astype(np.float64) / 2.0**32 < f, dtype=np.bool_)

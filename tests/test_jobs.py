@@ -378,3 +378,31 @@ def test_request_advance_releases_its_key_when_the_enqueue_fails(
     with pytest.raises(RedisConnectionError):
         request_advance(redis, 4)
     assert not redis.exists(advance_key(4))
+
+
+def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
+    import numpy as np
+
+    from backend.classifier import ModelCard
+    from backend.settings import Settings
+    from backend.uncertainty import margin
+
+    # 400 validation wafers: confident ones (margin score 0.0) all right, unsure ones (0.9) half wrong.
+    scores = [0.0] * 300 + [0.9] * 100
+    correct = [True] * 300 + [True, False] * 50
+    card = ModelCard(
+        version="v002-set1",
+        failure_types=("a", "b"),
+        image_size=16,
+        backbone="resnet18",
+        logit_adjustment=(0.0, 0.0),
+        training={"validation": {"measure": "margin", "scores": scores, "correct": correct}},
+    )
+    confident = np.array([[1.0, 0.0]] * 8 + [[0.55, 0.45]] * 2)
+    rule = serving_rule(Settings(target_accuracy=0.99), card, confident)
+    routes = rule.routes(confident)
+    assert list(routes[:8]) == ["auto"] * 8 and list(routes[8:]) == ["engineer"] * 2
+    assert margin(confident)[0] == 1.0
+    # A stricter target than the evidence can promise sends everything to engineers.
+    strict = serving_rule(Settings(target_accuracy=0.9999), card, confident)
+    assert (strict.routes(confident) == "engineer").all()

@@ -182,3 +182,16 @@ def test_train_val_is_reproducible():
 def test_train_val_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError):
         stratified_train_val(SMALL, fraction, _rng())
+
+
+def test_stable_holdout_is_stable_and_about_the_fraction() -> None:
+    from backend.splits import stable_holdout
+
+    ids = np.arange(1, 20001)
+    held = stable_holdout(ids, 0.15)
+    assert abs(held.mean() - 0.15) < 0.01
+    # The same id gets the same answer whatever else is in the batch.
+    assert np.array_equal(stable_holdout(ids[::7], 0.15), held[::7])
+    assert not stable_holdout(ids, 0.0001)[:5].any() or stable_holdout(ids, 0.0001).sum() < 10
+    with pytest.raises(ValueError):
+        stable_holdout(ids.reshape(2, -1), 0.15)
