@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient
@@ -50,3 +51,17 @@ def ls(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
     """The admin's client of that server."""
     with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as client:
         yield client
+
+
+#: The Redis database unit tests use; flushed before and after each test that takes `redis`.
+TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    """A real Redis (the machine's, or the one scripts/test starts), an emptied database."""
+    connection = Redis.from_url(TEST_REDIS_URL)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,19 +11,9 @@ from rq import Queue
 from backend.events import EventError, QueueUnavailableError, handle_event, project_of
 from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE, advance_key, opened_key
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 AUTO_USER = 1
 ENGINEER = 7
-
-
-@pytest.fixture
-def redis() -> Iterator[Redis]:
-    connection = Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
 
 
 def auto() -> int | None:

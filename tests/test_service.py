@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +25,14 @@ from backend.model_store import ModelStore
 from backend.service import NO_MODEL, WaferLabelingService
 from backend.settings import Settings
 from model import WaferMapModel
+from tests.conftest import TEST_REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = TEST_REDIS_URL
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 VERSION = "v001-set0"
 SIZE = 16
 USER, PASSWORD = "labeler", "s3cret-pass"
 ENGINEER = 7
-
-
-@pytest.fixture
-def redis() -> Iterator[Redis]:
-    connection = Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
-    connection.close()
 
 
 def settings_for(model_dir: Path, redis_url: str = REDIS_URL) -> Settings:
