@@ -30,12 +30,16 @@ RUN python -m venv "$VIRTUAL_ENV" \
  && pip install --progress-bar off -r requirements.txt \
  && pip check
 
-COPY label_config.xml model.py _wsgi.py ./
+COPY label_config.xml model.py _wsgi.py gunicorn.conf.py ./
 COPY backend/ backend/
 
 USER 10001:10001
+# The backend listens on all of the container's addresses, so it refuses to start without
+# BASIC_AUTH_USER / BASIC_AUTH_PASS (gunicorn.conf.py and the app both check).
 ENV MODEL_DIR=/models \
-    WAFER_CACHE_DIR=/cache
+    WAFER_CACHE_DIR=/cache \
+    WAFER_REQUIRE_AUTH=true
 
 EXPOSE 9090
-CMD ["gunicorn", "--bind", "0.0.0.0:9090", "--workers", "1", "--threads", "4", "--timeout", "300", "_wsgi:app"]
+# Threads, workers and timeout: gunicorn.conf.py (24 threads, at most 20 for /predict).
+CMD ["gunicorn", "--bind", "0.0.0.0:9090", "_wsgi:app"]

@@ -2,7 +2,8 @@
 
 `setup`, `predict(tasks, context)` and `fit(event, data)` delegate to
 `backend.service.WaferLabelingService`; `fit` never trains in the request, it queues the work
-for the rq worker. Configuration comes from the environment (see README.md).
+for the rq worker. Each Label Studio project has its own models. Configuration comes from the
+environment (see README.md).
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ class WaferMapModel:
     def __init__(self, settings: Settings | None = None) -> None:
         self.service = WaferLabelingService(settings or Settings.from_env(os.environ))
 
-    def model_version(self) -> str:
-        return self.service.model_version()
+    def model_version(self, project: str | int) -> str:
+        return self.service.model_version(project)
+
+    def health(self) -> dict[str, Any]:
+        return self.service.health()
 
     def setup(self, project: str, schema: str, extra: Mapping[str, Any]) -> str:
         return self.service.setup(project, schema, extra)
 
     def predict(
-        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None = None
+        self,
+        tasks: list[dict[str, Any]],
+        context: Mapping[str, Any] | None = None,
+        project: str | None = None,
     ) -> list[dict[str, Any]]:
-        return self.service.predict(tasks, context)
+        return self.service.predict(tasks, context, project)
+
+    def versions(self, project: str | None) -> list[str]:
+        return self.service.versions(project)
 
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
         return self.service.webhook({**data, "action": event})

@@ -9,8 +9,11 @@ Commands:
 Label Studio (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, see README.md):
   setup-project  create and wire a project: labeling config, ML backend, webhook, views
   import-sets    import the initial labelled set and the wafer sets of a wafer-map file
+  import-wafers  append new (unlabelled) wafers as the next sets, or a labelled history as set 0
+  train          train a first model version offline on labelled history and serve it
   status         per set: wafers, auto labels, engineer labels, waiting; the model versions
   retrain        ask the worker to retrain now (as Start Training in Label Studio does)
+  reconcile      repair the loop after a crash or a lost webhook, and say what was repaired
   demo           the whole system on this machine; --simulate-engineers runs the loop
 """
 
@@ -41,6 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "backbone": getattr(args, "backbone", None),
         "device": getattr(args, "device", None),
         "weights_path": getattr(args, "weights", None),
+        "model_dir": getattr(args, "model_dir", None),
     }
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -160,6 +164,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the true failure types of the imported wafers are written (for simulations)",
     )
 
+    wafers = sub.add_parser(
+        "import-wafers", help="append new wafers as the next sets (or a history as set 0)"
+    )
+    _add_data_flags(wafers)
+    wafers.add_argument("--project", default="Wafer maps", help="project title or id")
+    cut = wafers.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--per-set", type=int, help="wafers a set, whole lots only")
+    cut.add_argument("--lots-per-set", type=int, help="lots a set")
+    cut.add_argument(
+        "--initial", action="store_true", help="the file's labelled wafers as set 0, with labels"
+    )
+    wafers.add_argument(
+        "--rows",
+        choices=["unlabelled", "labelled"],
+        default="unlabelled",
+        help="which wafers become new sets: those without a failure type (default) or, for "
+        "a test with known answers, the labelled ones (their labels are not imported)",
+    )
+    wafers.add_argument("--max-sets", type=int, help="import only the first N new sets")
+    wafers.add_argument(
+        "--subsample", type=float, default=1.0, help="stratified share for --initial (1.0)"
+    )
+    wafers.add_argument("--seed", type=int, default=0)
+    wafers.add_argument("--source", help="data.source of the wafers (default: the file's stem)")
+
+    train = sub.add_parser("train", help="train a first model offline and serve it")
+    _add_data_flags(train)
+    _add_model_flags(train)
+    train.add_argument("--project", default="Wafer maps", help="project title or id")
+    train.add_argument(
+        "--from-project",
+        action="store_true",
+        help="train on the project's set 0 in Label Studio instead of the --data file",
+    )
+    train.add_argument(
+        "--subsample", type=float, default=1.0, help="stratified share of the wafers (1.0)"
+    )
+    train.add_argument("--model-dir", type=Path, help="where versions are stored (env MODEL_DIR)")
+    train.add_argument("--source", help="data.source of the --data wafers (default: its stem)")
+
     status = sub.add_parser("status", help="where the labeling stands, per set")
     status.add_argument("--project", default="Wafer maps", help="project title or id")
     status.set_defaults(data=None)
@@ -169,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain.add_argument("--project", default="Wafer maps", help="project title or id")
     retrain.set_defaults(data=None)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="repair dead jobs, stale locks, unretrained sets, unpredicted wafers"
+    )
+    reconcile.add_argument("--project", default="Wafer maps", help="project title or id")
+    reconcile.set_defaults(data=None)
 
     demo = sub.add_parser("demo", help="run Redis, Label Studio, the backend and a worker here")
     _add_data_flags(demo)
@@ -183,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="label each set's uncertain wafers with their true types, run the loop to the end",
     )
     demo.add_argument("--label-studio-port", type=int, default=8080)
+    demo.add_argument(
+        "--database",
+        default="auto",
+        help="Label Studio's database: auto (PostgreSQL on 127.0.0.1:5432 when it answers, else "
+        "SQLite), sqlite, postgresql, or a postgresql://user:password@host:port/db admin URL",
+    )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (wiped)")
     return parser
 
@@ -219,7 +275,11 @@ def _run(args: argparse.Namespace) -> int:
         print(settings)
         return 0
     labels = _label_config(settings)
-    if args.command in ("setup-project", "import-sets", "status", "retrain"):
+    if args.command == "reconcile":
+        from backend.cli_reconcile import run_reconcile
+
+        return run_reconcile(args.project, settings)
+    if args.command in ("setup-project", "import-sets", "import-wafers", "status", "retrain"):
         from backend.cli_labelstudio import run_label_studio_command
 
         return run_label_studio_command(args, settings, labels)
@@ -238,6 +298,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             label_studio_port=args.label_studio_port,
             simulate_engineers=args.simulate_engineers,
+            database=args.database,
         )
         return main_demo(config, settings, labels, wafers)
     if args.command == "convert":
@@ -246,6 +307,10 @@ def _run(args: argparse.Namespace) -> int:
     from backend.study import torch_threads
 
     torch_threads()
+    if args.command == "train":
+        from backend.cli_labelstudio import run_train
+
+        return run_train(args, settings, labels)
     if args.command == "compare-sizes":
         from backend.size_benchmark import compare_sizes
 

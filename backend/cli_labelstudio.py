@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 
+import httpx
+import numpy as np
+import numpy.typing as npt
 from redis import Redis
 
 from backend.classifier import pick_device
+from backend.first_model import (
+    history_from_tasks,
+    history_from_wafers,
+    set0_task_ids,
+    train_first_model,
+)
+from backend.images import model_input
 from backend.jobs import request_advance
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
@@ -16,7 +27,19 @@ from backend.model_store import ModelStore
 from backend.ops import project_id, project_status, status_table, wire_project
 from backend.settings import Settings
 from backend.sources import load_wafers
-from backend.wafer_sets import import_sets, plan_sets, write_truth
+from backend.splits import stratified_sample
+from backend.training import TrainConfig
+from backend.wafer_sets import (
+    INITIAL_SET,
+    ImportOutcome,
+    cut_into_sets,
+    import_sets,
+    import_wafers,
+    plan_sets,
+    source_name,
+    write_truth,
+)
+from backend.wafers import WaferMaps
 
 
 def _say(text: str) -> None:
@@ -57,6 +80,10 @@ def run_label_studio_command(
             total = sum(len(ids) for ids in imported.values())
             print(f"imported {total} wafers into project {project}; truth in {args.truth}")
             return 0
+        if args.command == "import-wafers":
+            outcome = import_wafer_file(args, settings, labels, client, project)
+            print(f"{outcome.summary()} into project {project}")
+            return 0
         if args.command == "status":
             store = ModelStore(settings.model_dir, pick_device("cpu"))
             states, versions = project_status(client, store, project)
@@ -65,3 +92,118 @@ def run_label_studio_command(
         queued = request_advance(Redis.from_url(settings.redis_url), project)
         print("queued" if queued else "a step is already queued", f"for project {project}")
         return 0
+
+
+def _select_rows(wafers: WaferMaps, args: argparse.Namespace) -> npt.NDArray[np.intp]:
+    """The wafers the import takes: labelled ones for set 0 (a stratified subsample), else
+    those without a failure type (or, with --rows labelled, the labelled ones as if new)."""
+    if args.initial:
+        labelled = np.flatnonzero(wafers.labels >= 0)
+        rng = np.random.default_rng(args.seed)
+        return labelled[stratified_sample(wafers.labels[labelled], args.subsample, rng)]
+    if args.rows == "labelled":
+        return np.flatnonzero(wafers.labels >= 0)
+    return np.flatnonzero(wafers.labels < 0)
+
+
+def import_wafer_file(
+    args: argparse.Namespace,
+    settings: Settings,
+    labels: LabelConfig,
+    client: LabelStudioClient,
+    project: int,
+) -> ImportOutcome:
+    """`import-wafers`: read the file, cut the sets, import them (see `import_wafers`)."""
+    source = source_name(settings.data_path, args.source)
+    wafers, report = load_wafers(
+        settings.data_path, labels.failure_types, settings.cache_dir, keep_unlabelled=True
+    )
+    _say(report.summary())
+    if report.unknown_labels:
+        found = ", ".join(f"{k!r} x{v:,}" for k, v in sorted(report.unknown_labels.items()))
+        raise ValueError(
+            f"{settings.data_path} has failure types that the labeling config does not know "
+            f"({found}); the config's types are {', '.join(labels.failure_types)}. Fix the "
+            "labels ('' for a wafer without one) or the labeling config."
+        )
+    rows = _select_rows(wafers, args)
+    if rows.size == 0:
+        raise ValueError(f"{settings.data_path} holds no wafers of the kind asked for")
+    if args.initial:
+        sets = [rows]
+    else:
+        cut = cut_into_sets(wafers.lots[rows], per_set=args.per_set, lots_per_set=args.lots_per_set)
+        sets = [rows[members] for members in cut[: args.max_sets]]
+    _say(
+        f"{sum(len(s) for s in sets):,} wafers of {source} in {len(sets)} "
+        f"{'initial set' if args.initial else 'new sets'}"
+    )
+    return import_wafers(client, project, wafers, labels, sets, source=source, initial=args.initial)
+
+
+def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    """`train`: a first model on labelled history, published for the project and served."""
+    url, key = settings.require_label_studio()
+    device = pick_device(settings.device)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    with LabelStudioClient.connect(url, key) as client:
+        project = project_id(client, args.project)
+        size = settings.image_size
+        if args.from_project:
+            tasks = client.tasks_of_set(project, INITIAL_SET)
+            with httpx.Client(timeout=30.0) as http:
+                fetch = functools.partial(
+                    model_input, client=http, label_studio_url=url, api_key=key, size=size
+                )
+                history = history_from_tasks(
+                    tasks,
+                    labels,
+                    client.current_user_id(),
+                    fetch,
+                    size,
+                    origin=f"project {project} set {INITIAL_SET}",
+                )
+        else:
+            source = source_name(settings.data_path, args.source)
+            task_ids = set0_task_ids(client, project, source)
+            wafers, report = load_wafers(
+                settings.data_path, labels.failure_types, settings.cache_dir
+            )
+            _say(report.summary())
+            history = history_from_wafers(
+                wafers,
+                size,
+                subsample=args.subsample,
+                seed=args.seed,
+                task_ids=task_ids,
+                origin=f"{settings.data_path.name} (subsample {args.subsample})",
+            )
+            if not task_ids:
+                _say(
+                    f"note: set {INITIAL_SET} of project {project} holds no wafers of {source}; "
+                    "import it first so that this model and the worker hold out the same wafers"
+                )
+    _say(
+        f"training {settings.backbone} at {size}x{size} on {len(history):,} labelled wafers "
+        f"({history.in_project:,} of them tasks of project {project}), {args.epochs} epochs, {device}"
+    )
+    store = ModelStore.for_project(settings.model_dir, project, device)
+    version = store.next_version(f"set{INITIAL_SET}")
+    model, figures = train_first_model(
+        history, labels, settings, config, version=version, project=project, device=device
+    )
+    store.publish(model)
+    metrics = model.card.metrics
+    accuracy = metrics.get("validation_accuracy")
+    print(
+        f"published {version} for project {project} in {store.root} and serving it: "
+        f"trained through set {INITIAL_SET} on {int(figures['train_wafers']):,} wafers at "
+        f"{figures['train_wafers_per_second']:.1f} wafers/s; "
+        + (
+            f"validation accuracy {accuracy:.2%} on {int(metrics['validation_wafers']):,} "
+            f"held-out wafers, routing threshold {metrics['route_threshold']:.4g}"
+            if accuracy is not None
+            else "no held-out wafers, so every wafer goes to engineers until a retraining"
+        )
+    )
+    return 0

@@ -62,6 +62,9 @@ class DemoConfig:
     label_studio_port: int
     simulate_engineers: bool
     set_timeout_s: float = 3600.0
+    #: Label Studio's database: auto (PostgreSQL on 127.0.0.1:5432 when it answers), sqlite,
+    #: postgresql, or an admin URL (backend.label_studio_db).
+    database: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,13 @@ def run_demo(
         redis_url = stack.enter_context(running_redis(settings.redis_url, out / "redis"))
         redis = Redis.from_url(redis_url)
         _clear_loop_state(redis)
-        say("starting Label Studio (about a minute on a first start) ...")
+        say("starting Label Studio (1-3 minutes on a first start: database migrations) ...")
         ls = stack.enter_context(
-            running_label_studio(out / "label-studio", port=config.label_studio_port)
+            running_label_studio(
+                out / "label-studio", port=config.label_studio_port, database=config.database
+            )
         )
+        say(f"Label Studio runs on {ls.database.describe()}")
         auto = create_user(ls, AUTO_LABELER, secrets.token_urlsafe(16))
         engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
         env = _service_env(settings, ls.url, auto.token, redis_url)

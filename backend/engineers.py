@@ -16,17 +16,22 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from backend.jobs import QUEUES, advance_key, label_of
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
+from backend.loop_keys import QUEUES, advance_key, job_alive
+from backend.loop_state import label_of
 from backend.wafer_sets import choice_result
 
 
 def loop_busy(redis: Redis) -> bool:
-    """True while a loop job is queued or running (any project)."""
+    """True while a loop job is queued or running (any project). A job that rq still lists as
+    started but whose worker was killed does not count (`backend.loop_keys.job_alive`)."""
     for name in QUEUES:
         queue = Queue(name, connection=redis)
-        if queue.count or StartedJobRegistry(queue=queue).count:
+        if queue.count:
+            return True
+        started = StartedJobRegistry(queue=queue).get_job_ids()
+        if any(job_alive(redis, job_id) for job_id in started):
             return True
     return False
 

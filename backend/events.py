@@ -17,7 +17,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.jobs import opened_key, request_advance
+from backend.loop_keys import opened_key, request_advance
 
 #: Actions that can finish a set or bring a new one.
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})

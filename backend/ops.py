@@ -6,13 +6,19 @@ Layer L2 (Label Studio client + model store + the loop's bookkeeping from backen
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from backend.jobs import SetState, set_states
 from backend.label_config import parse_label_config
-from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, unlabelled_filter
+from backend.labelstudio import (
+    LABEL_STUDIO_TASK_COLUMNS,
+    FilterOperator,
+    LabelStudioClient,
+    TaskFilter,
+    unlabelled_filter,
+)
 from backend.model_store import ModelStore
 from backend.settings import Settings
 from backend.uncertainty import Measure
@@ -23,13 +29,59 @@ ENGINEER_VIEW = "Engineer queue: most uncertain first"
 AUTO_VIEW = "Auto labels"
 UNREADABLE_VIEW = "Unreadable pictures"
 BACKEND_TITLE = "wafermap-resnet"
+#: The task-data column of each routing measure.
+MEASURE_COLUMN = {
+    Measure.MARGIN: "data.margin",
+    Measure.LEAST_CONFIDENCE: "data.least_confidence",
+    Measure.ENTROPY: "data.entropy",
+}
 #: The Data Manager column each measure is sorted by, most uncertain first.
 UNCERTAIN_FIRST = {
     Measure.MARGIN: "data.margin",
     Measure.LEAST_CONFIDENCE: "-data.least_confidence",
     Measure.ENTROPY: "-data.entropy",
 }
-HIDDEN_COLUMNS = ("data.image",)
+#: Task data the import (`set`, `source`, `wafer_id`, `lot`, `wafer_index`, `image`) and the
+#: pre-annotation (the rest) write: each is a Data Manager column a tab shows or hides.
+WAFER_DATA_COLUMNS = (
+    "data.image",
+    "data.predicted",
+    "data.score",
+    "data.least_confidence",
+    "data.margin",
+    "data.entropy",
+    "data.route",
+    "data.model_version",
+    "data.prediction_error",
+    "data.set",
+    "data.lot",
+    "data.wafer_id",
+    "data.wafer_index",
+    "data.source",
+)
+
+
+def tab_columns(shown: Sequence[str]) -> tuple[str, ...]:
+    """The columns a tab hides so that only `shown` remain: Label Studio's own task columns
+    and the wafer data columns not in `shown`.
+
+    Label Studio 1.23.2 orders columns itself (its own first, then the task data: fields the
+    labeling config names, then the rest in the database's order); a tab can hide columns but
+    not reorder them. A task-data field that is not in WAFER_DATA_COLUMNS stays visible.
+    """
+    return tuple(c for c in (*LABEL_STUDIO_TASK_COLUMNS, *WAFER_DATA_COLUMNS) if c not in shown)
+
+
+def engineer_columns(measure: Measure) -> tuple[str, ...]:
+    """What an engineer sees first: the wafer, the model's guess, how unsure it is, where from."""
+    return (
+        "data.image",
+        "data.predicted",
+        MEASURE_COLUMN[measure],
+        "data.score",
+        "data.set",
+        "data.lot",
+    )
 
 
 @dataclass(frozen=True)
@@ -82,27 +134,49 @@ def wire_project(
         token = base64.b64encode(":".join(settings.basic_auth).encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     webhook = client.register_webhook(project, f"{url}/webhook", headers)
-    measure = Measure(settings.route_measure)
-    views = {
+    views = make_views(client, project, Measure(settings.route_measure))
+    return Wiring(project, created, backend_id, webhook, views)
+
+
+def make_views(client: LabelStudioClient, project: int, measure: Measure) -> dict[str, int]:
+    """Create or update the three Data Manager tabs (title -> view id).
+
+    The engineer queue shows unlabelled wafers routed to engineers, most uncertain first by
+    `measure`, with the picture as a thumbnail, the model's guess, the measure, the score, set
+    and lot, and nothing else. The auto labels tab adds who annotated (the backend's account);
+    the unreadable-pictures tab shows where each wafer came from and why it failed.
+    """
+    shown = engineer_columns(measure)
+    auto_shown = (*shown, "annotators")
+    unreadable_shown = (
+        "data.image",
+        "data.set",
+        "data.lot",
+        "data.wafer_id",
+        "data.prediction_error",
+    )
+    return {
         ENGINEER_VIEW: client.create_view(
             project,
             ENGINEER_VIEW,
             [unlabelled_filter(), _route_is("engineer")],
             [UNCERTAIN_FIRST[measure]],
-            hidden_columns=HIDDEN_COLUMNS,
+            hidden_columns=tab_columns(shown),
         ),
         AUTO_VIEW: client.create_view(
             project,
             AUTO_VIEW,
             [_route_is("auto")],
             [UNCERTAIN_FIRST[measure]],
-            hidden_columns=HIDDEN_COLUMNS,
+            hidden_columns=tab_columns(auto_shown),
         ),
         UNREADABLE_VIEW: client.create_view(
-            project, UNREADABLE_VIEW, [_route_is("error")], hidden_columns=HIDDEN_COLUMNS
+            project,
+            UNREADABLE_VIEW,
+            [_route_is("error")],
+            hidden_columns=tab_columns(unreadable_shown),
         ),
     }
-    return Wiring(project, created, backend_id, webhook, views)
 
 
 def project_id(client: LabelStudioClient, title_or_id: str) -> int:

@@ -2,14 +2,19 @@
 
 `WaferLabelingService` implements `backend.app.MLBackend` for `model.py`. It predicts in the
 request (batched, a few milliseconds per wafer) but never trains there: webhooks go to
-`backend.events`, which queues jobs for the rq worker. The served model is whatever
-MODEL_DIR/CURRENT names; a retraining in the worker switches it and the next request reads it.
+`backend.events`, which queues jobs for the rq worker.
+
+Each Label Studio project has its own models (`ModelStore.for_project`: MODEL_DIR/projects/<id>/);
+the project comes with every /setup, /predict and /versions call as "<id>.<created timestamp>".
+A project's served model is whatever its CURRENT names; a retraining in the worker switches it
+and the next request reads it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -22,18 +27,50 @@ from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from backend.classifier import pick_device
 from backend.events import EventError, QueueUnavailableError, handle_event
-from backend.images import model_input
-from backend.jobs import QUEUES, serving_rule, trained_through
+from backend.image_client import ImageClient, shared_image_client
+from backend.images import ImageRules, model_input
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient, LabelStudioError
+from backend.loop_keys import QUEUES
+from backend.loop_state import serving_rule, trained_through
 from backend.model_store import ModelStore
-from backend.predictions import predict_tasks, tasks_to_label_studio
+from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: `model_version` before any model is trained (Label Studio needs a non-empty string).
 NO_MODEL = "no-model-yet"
+#: Stores (each with its loaded model) kept in memory; the least recently used one goes first.
+MAX_OPEN_STORES = 16
+#: Label Studio project ids are database integers.
+MAX_PROJECT_ID = 2**63 - 1
+#: Failed tasks quoted in the one log line a /predict writes about its failures.
+QUOTED_ERRORS = 3
+
+
+def project_id(value: str | int | None) -> int:
+    """The project id in what Label Studio sends ("<id>.<created timestamp>", or the bare id);
+    BadRequest saying what is wrong otherwise."""
+    if value is None or value == "":
+        raise BadRequest("the request names no Label Studio project ('project' is missing)")
+    text = str(value).split(".", 1)[0].strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        raise BadRequest(f"'project' must be '<id>.<timestamp>' or an id, got {str(value)[:40]!r}")
+    number = int(text)
+    if not 1 <= number <= MAX_PROJECT_ID:
+        raise BadRequest(f"not a Label Studio project id: {number}")
+    return number
+
+
+def failure_summary(predictions: list[WaferPrediction]) -> str | None:
+    """One line for all failed tasks of a batch ("N of M tasks failed: ..."), None if none."""
+    failed = [p.error for p in predictions if p.error is not None]
+    if not failed:
+        return None
+    quoted = "; ".join(e[:200] for e in failed[:QUOTED_ERRORS])
+    more = f" (and {len(failed) - QUOTED_ERRORS} more)" if len(failed) > QUOTED_ERRORS else ""
+    return f"{len(failed)} of {len(predictions)} tasks failed: {quoted}{more}"
 
 
 class WaferLabelingService:
@@ -41,17 +78,48 @@ class WaferLabelingService:
 
     def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
-        self.store = ModelStore(settings.model_dir, pick_device(settings.device))
+        self.device = pick_device(settings.device)
         self.labels = parse_label_config(settings.label_config_path.read_text())
         self.redis = redis if redis is not None else Redis.from_url(settings.redis_url)
-        self._lock = threading.Lock()
+        self._stores: OrderedDict[int, ModelStore] = OrderedDict()
+        self._stores_lock = threading.Lock()
         self._http = httpx.Client(timeout=30.0)
         self._auto_user: int | None = None
 
+    def store(self, project: int) -> ModelStore:
+        """The model store of one project (kept open: it caches the served model)."""
+        with self._stores_lock:
+            store = self._stores.get(project)
+            if store is None:
+                store = ModelStore.for_project(self.settings.model_dir, project, self.device)
+                self._stores[project] = store
+                while len(self._stores) > MAX_OPEN_STORES:
+                    self._stores.popitem(last=False)
+            self._stores.move_to_end(project)
+            return store
+
+    def _known_projects(self) -> list[int]:
+        with self._stores_lock:
+            opened = set(self._stores)
+        return sorted(opened | set(ModelStore.projects(self.settings.model_dir)))
+
     # ---- MLBackend ------------------------------------------------------------------------
 
-    def model_version(self) -> str:
-        return self.store.current_version() or NO_MODEL
+    def model_version(self, project: str | int | None) -> str:
+        """The version a project's predictions carry (what /setup reports)."""
+        return self.store(project_id(project)).current_version() or NO_MODEL
+
+    def health(self) -> dict[str, Any]:
+        """Each project's served version and every store problem (a CURRENT that cannot be
+        served, old single-project models). Reads no network; the model of a project is loaded
+        once per publish."""
+        projects: dict[str, str] = {}
+        problems: list[str] = []
+        for project in self._known_projects():
+            store = self.store(project)
+            projects[str(project)] = store.current_version() or NO_MODEL
+            problems.extend(f"project {project}: {p}" for p in store.problems())
+        return {"projects": projects, "problems": sorted(set(problems))}
 
     def setup(self, project: str, schema: str, extra: Mapping[str, Any]) -> str:
         """Check the project's labeling config against this backend's; return the version."""
@@ -60,24 +128,35 @@ class WaferLabelingService:
         except ValueError as exc:
             raise BadRequest(f"the project's labeling config does not fit: {exc}") from exc
         self._check_config(config)
-        return self.model_version()
+        return self.model_version(project)
 
     def predict(
-        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None
+        self,
+        tasks: list[dict[str, Any]],
+        context: Mapping[str, Any] | None,
+        project: str | None = None,
     ) -> list[dict[str, Any]]:
-        with self._lock:
-            classifier = self.store.load_current()
-        version = self.model_version()
+        """One entry per task; tasks whose picture cannot be read get an error entry, and the
+        batch writes ONE log line about them however many they are."""
+        number = project_id(project)
+        classifier = self.store(number).load_current()
         if classifier is None:
-            message = "no model is trained yet: import the initial labelled set first"
-            return [{"model_version": version, "error": message} for _ in tasks]
+            message = f"no model is trained yet for project {number}: import its initial set first"
+            return [{"model_version": NO_MODEL, "error": message} for _ in tasks]
         fetch = _Fetch(self._http, self.settings, classifier.card.image_size)
         rule = partial(serving_rule, self.settings, classifier.card)
         predictions = predict_tasks(tasks, classifier, self.labels, rule, fetch)
-        for p in predictions:
-            if not p.ok:
-                log.warning("predict: %s", p.error)
+        summary = failure_summary(predictions)
+        if summary is not None:
+            log.warning("predict for project %d: %s", number, summary)
         return tasks_to_label_studio(predictions, self.labels, classifier.card.version)
+
+    def versions(self, project: str | None) -> list[str]:
+        """The project's stored versions, oldest first; always holding what /setup reports."""
+        store = self.store(project_id(project))
+        found = store.versions()
+        served = store.current_version() or NO_MODEL
+        return found if served in found else [*found, served]
 
     def webhook(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         try:
@@ -89,30 +168,23 @@ class WaferLabelingService:
             raise ServiceUnavailable(str(exc)) from exc
 
     def metrics(self) -> dict[str, Any]:
-        versions: list[dict[str, Any]] = []
-        for name in self.store.versions():
-            try:
-                card = self.store.card(name)
-            except ValueError as exc:
-                versions.append({"version": name, "error": str(exc)})
-                continue
-            versions.append(
-                {
-                    "version": name,
-                    "created": card.created,
-                    "backbone": card.backbone,
-                    "image_size": card.image_size,
-                    "trained_through_set": trained_through(card),
-                    "metrics": dict(card.metrics),
-                }
-            )
+        """Per project: the served version and every stored version with its card (a version
+        whose card cannot be read is listed with an error, never a failure)."""
+        projects: dict[str, Any] = {}
+        for project in self._known_projects():
+            store = self.store(project)
+            projects[str(project)] = {
+                "model_version": store.current_version() or NO_MODEL,
+                "versions": [_version_facts(store, name) for name in store.versions()],
+                "problems": store.problems(),
+            }
         queues: dict[str, Any] = {}
         try:
             for name in QUEUES:
                 queues[name] = Queue(name, connection=self.redis).count
         except RedisError as exc:
             queues = {"error": f"Redis is not reachable: {type(exc).__name__}"}
-        return {"model_version": self.model_version(), "versions": versions, "queues": queues}
+        return {"projects": projects, "queues": queues}
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -137,12 +209,38 @@ class WaferLabelingService:
             )
 
 
+def _version_facts(store: ModelStore, name: str) -> dict[str, Any]:
+    """A version's card facts, or ``{"version", "error"}`` when its card is unreadable."""
+    try:
+        card = store.card(name)
+        return {
+            "version": name,
+            "created": card.created,
+            "backbone": card.backbone,
+            "image_size": card.image_size,
+            "trained_through_set": trained_through(card),
+            "metrics": dict(card.metrics),
+        }
+    except (ValueError, TypeError, OverflowError) as exc:
+        return {"version": name, "error": f"the model card is unreadable: {exc}"}
+
+
 class _Fetch:
-    """A task image value -> die codes of the model's input size (the Label Studio token is
-    sent only to LABEL_STUDIO_URL)."""
+    """A task image value -> die codes of the model's input size, within the WAFER_IMAGE_*
+    limits (the Label Studio token is sent only to LABEL_STUDIO_URL).
+
+    Pictures are downloaded with the process's `shared_image_client` (connections checked and
+    pinned, deadline per download) unless ``http`` already is such a client.
+    """
 
     def __init__(self, http: httpx.Client, settings: Settings, size: int) -> None:
-        self._http, self._settings, self._size = http, settings, size
+        self._rules = ImageRules.from_settings(settings)
+        self._http = (
+            http
+            if isinstance(http, ImageClient)
+            else shared_image_client(settings.label_studio_url, settings.image_hosts)
+        )
+        self._settings, self._size = settings, size
 
     def __call__(self, value: str) -> Any:
         return model_input(
@@ -151,4 +249,5 @@ class _Fetch:
             label_studio_url=self._settings.label_studio_url,
             api_key=self._settings.label_studio_api_key or None,
             size=self._size,
+            rules=self._rules,
         )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.addresses import parse_hosts
 from backend.label_config import DEFAULT_LABEL_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,14 @@ ENVIRONMENT = {
     "WAFER_ROUTE_THRESHOLD": "fixed threshold on that measure instead of calibration (engineer when above)",
     "WAFER_EPOCHS": "training epochs per retraining (default 5)",
     "WAFER_VALIDATION_FRACTION": "share of annotated wafers held out to calibrate the threshold (default 0.15)",
+    "WAFER_IMAGE_HOSTS": "comma-separated hosts task pictures may come from besides Label Studio (default none; e.g. images.fab.local,*.cdn.fab.local)",
+    "WAFER_IMAGE_MAX_PIXELS": "largest task picture decoded, in pixels, checked before decoding (default 4000000)",
+    "WAFER_IMAGE_MAX_MB": "largest task picture downloaded, in MiB (default 16)",
+    "WAFER_IMAGE_TIMEOUT": "seconds one picture download may take in all, redirects included (default 10)",
+    "WAFER_MAX_REQUEST_MB": "largest request body the backend reads, in MiB (default 64; more is answered 413)",
+    "WAFER_MAX_TASKS": "most tasks in one /predict (default 20000; more is answered 400)",
+    "WAFER_PREDICT_REQUESTS": "/predict requests the backend takes at once (default 20; more are answered 503); keep below gunicorn's --threads (24)",
+    "WAFER_REQUIRE_AUTH": "true: refuse to start without BASIC_AUTH_USER/BASIC_AUTH_PASS (set in the Docker image)",
 }
 
 #: Uncertainty measures a routing rule can use (the values of backend.uncertainty.Measure).
@@ -101,6 +110,14 @@ class Settings:
     route_threshold: float | None = None
     epochs: int = 5
     validation_fraction: float = 0.15
+    image_hosts: tuple[str, ...] = ()
+    image_max_pixels: int = 4_000_000
+    image_max_bytes: int = 16 * 2**20
+    image_timeout_s: float = 10.0
+    max_request_bytes: int = 64 * 2**20
+    max_tasks: int = 20_000
+    predict_requests: int = 20
+    require_auth: bool = False
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -118,6 +135,16 @@ class Settings:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation fraction must be within (0, 1), got {self.validation_fraction}"
+            )
+        if self.max_request_bytes < 2**10:
+            raise ValueError(f"the request limit must be at least 1 KiB, got {self.max_request_bytes}")
+        if self.max_tasks < 1 or self.predict_requests < 1:
+            raise ValueError("WAFER_MAX_TASKS and WAFER_PREDICT_REQUESTS must be at least 1")
+        if self.image_max_pixels < 1 or self.image_max_bytes < 1:
+            raise ValueError("WAFER_IMAGE_MAX_PIXELS and WAFER_IMAGE_MAX_MB must be at least 1")
+        if not 0.0 < self.image_timeout_s <= 600.0:
+            raise ValueError(
+                f"WAFER_IMAGE_TIMEOUT must be within (0, 600] seconds, got {self.image_timeout_s}"
             )
         for name, url in (
             ("LABEL_STUDIO_URL", self.label_studio_url),
@@ -153,6 +180,14 @@ class Settings:
             route_threshold=_float(environ, "WAFER_ROUTE_THRESHOLD", None),
             epochs=_int(environ, "WAFER_EPOCHS", 5),
             validation_fraction=_float(environ, "WAFER_VALIDATION_FRACTION", 0.15) or 0.15,
+            image_hosts=parse_hosts(environ.get("WAFER_IMAGE_HOSTS", "")),
+            image_max_pixels=_int(environ, "WAFER_IMAGE_MAX_PIXELS", cls.image_max_pixels),
+            image_max_bytes=_int(environ, "WAFER_IMAGE_MAX_MB", 16) * 2**20,
+            image_timeout_s=_float(environ, "WAFER_IMAGE_TIMEOUT", 10.0) or 0.0,
+            max_request_bytes=_int(environ, "WAFER_MAX_REQUEST_MB", 64) * 2**20,
+            max_tasks=_int(environ, "WAFER_MAX_TASKS", 20_000),
+            predict_requests=_int(environ, "WAFER_PREDICT_REQUESTS", 20),
+            require_auth=_flag(environ, "WAFER_REQUIRE_AUTH"),
         )
 
     def require_label_studio(self) -> tuple[str, str]:
@@ -163,6 +198,13 @@ class Settings:
                 "the backend should label as (Account & Settings -> Access Token)"
             )
         return self.label_studio_url, self.label_studio_api_key
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    text = (environ.get(name) or "false").strip().lower()
+    if text not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    return text in ("true", "1", "yes")
 
 
 def _basic_auth(environ: Mapping[str, str]) -> tuple[str, str] | None:

@@ -34,12 +34,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
+
+from backend.label_studio_db import (
+    DatabaseError,
+    LabelStudioDatabase,
+    choose_database,
+    drop_database,
+)
 
 #: The checkout: `_wsgi.py` and the `backend` package live here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +56,9 @@ REDIS_LOG_FILE = "redis.log"
 ADMIN_EMAIL = "admin@example.com"
 #: Environment prefixes Label Studio reads; inherited ones are dropped so a developer's own
 #: settings cannot leak into the server started here.
-_LS_ENV_PREFIXES = ("LABEL_STUDIO_", "HEARTEX_", "DJANGO_")
+_LS_ENV_PREFIXES = ("LABEL_STUDIO_", "HEARTEX_", "DJANGO_", "POSTGRE_")
 #: Plain names that Label Studio's `get_env` also falls back to.
-_LS_PLAIN_NAMES = ("USERNAME", "PASSWORD", "USER_TOKEN", "HOST", "PORT")
+_LS_PLAIN_NAMES = ("USERNAME", "PASSWORD", "USER_TOKEN", "HOST", "PORT", "DATABASE_NAME")
 #: How to get a Redis when none answers and no redis-server binary can be found.
 _REDIS_HELP = (
     "install one of: `sudo apt-get install redis-server` (Debian/Ubuntu), "
@@ -89,6 +96,10 @@ class LabelStudioServer:
     files_root: Path
     log_path: Path
     startup_seconds: float
+    #: The database it runs on (PostgreSQL when one answered, else SQLite).
+    database: LabelStudioDatabase = field(
+        default_factory=lambda: LabelStudioDatabase(kind="sqlite", name="")
+    )
 
     @property
     def api_key(self) -> str:
@@ -253,11 +264,17 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
     return creds
 
 
-def server_environment(data_dir: Path, files_root: Path, admin: Credentials) -> dict[str, str]:
+def server_environment(
+    data_dir: Path,
+    files_root: Path,
+    admin: Credentials,
+    database: LabelStudioDatabase | None = None,
+) -> dict[str, str]:
     """The environment `label-studio` runs with (see docs/label-studio-facts.md).
 
     Inherited LABEL_STUDIO_*, HEARTEX_*, DJANGO_* and Label Studio's plain fallback names
-    (USERNAME, PASSWORD, ...) are dropped first.
+    (USERNAME, PASSWORD, ..., POSTGRE_*) are dropped first; `database` None is SQLite in the data
+    dir.
     """
     env = {
         key: value
@@ -281,6 +298,11 @@ def server_environment(data_dir: Path, files_root: Path, admin: Credentials) -> 
             "PYTHONUNBUFFERED": "1",
         }
     )
+    env.update(
+        (
+            database or LabelStudioDatabase("sqlite", str(data_dir / "label_studio.sqlite3"))
+        ).environment()
+    )
     return env
 
 
@@ -290,7 +312,10 @@ def running_label_studio(
     *,
     port: int | None = None,
     admin: Credentials | None = None,
-    timeout: float = 180.0,
+    timeout: float = 240.0,
+    database: str = "auto",
+    postgres_admin_url: str | None = None,
+    drop_database_on_exit: bool = False,
 ) -> Iterator[LabelStudioServer]:
     """Start Label Studio on 127.0.0.1 with `data_dir` as its home; stop it on exit.
 
@@ -298,8 +323,15 @@ def running_label_studio(
     credentials; Label Studio creates the admin only on the first start of a database, so an
     `admin` passed for a reused data dir must be the one it was first started with. Local files
     are served from `<data_dir>/files`; the log is `<data_dir>/label-studio.log`.
+    `database` picks its database (backend.label_studio_db.choose_database: "auto" runs it on
+    the PostgreSQL that answers at `postgres_admin_url`, default 127.0.0.1:5432, else SQLite;
+    "sqlite"; "postgresql"; or an admin URL); the choice is kept in the data dir, and
+    `server.database.describe()` says which. `drop_database_on_exit` removes a PostgreSQL
+    database made for a throw-away data dir when the server stops.
     Raises StackError with the log tail when `/health` does not answer within `timeout`
-    seconds, the process exits early, or `port` is already taken.
+    seconds (a first start on PostgreSQL runs migrations for 80-120 s here), the process exits
+    early, or `port` is already taken; StackError also when PostgreSQL was asked for and cannot
+    be used.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +357,13 @@ def running_label_studio(
         "--data-dir",
         str(data_dir),
     ]
-    process = _start(command, server_environment(data_dir, files_root, admin), log_path, data_dir)
+    try:
+        db = choose_database(data_dir, database, postgres_admin_url)
+    except DatabaseError as exc:
+        raise StackError(str(exc)) from exc
+    process = _start(
+        command, server_environment(data_dir, files_root, admin, db), log_path, data_dir
+    )
     try:
         seconds = _wait_until(
             lambda: _health_ok(url),
@@ -342,9 +380,12 @@ def running_label_studio(
             files_root=files_root,
             log_path=log_path,
             startup_seconds=seconds,
+            database=db,
         )
     finally:
         stop_process(process)
+        if drop_database_on_exit:
+            drop_database(db, data_dir, postgres_admin_url)
 
 
 def create_user(
@@ -360,7 +401,7 @@ def create_user(
     token = token or secrets.token_hex(20)
     if len(token) <= 5:
         raise ValueError("Label Studio ignores user tokens of 5 characters or fewer")
-    env = server_environment(server.data_dir, server.files_root, server.admin)
+    env = server_environment(server.data_dir, server.files_root, server.admin, server.database)
     # Passed through the environment (not argv) so the password does not show in `ps`.
     env["LABEL_STUDIO_USERNAME"] = email
     env["LABEL_STUDIO_PASSWORD"] = password
@@ -529,8 +570,10 @@ def running_backend(
 ) -> Iterator[str]:
     """Serve the ML backend under gunicorn on 127.0.0.1:`port`; yield its URL; stop it on exit.
 
-    One worker process with 4 threads and a 300 s request timeout, run from `cwd` (default the
-    checkout, where `_wsgi.py` lives) with this process's environment updated with `env`;
+    With the checkout's gunicorn.conf.py (one worker process with 24 threads, of which at most
+    WAFER_PREDICT_REQUESTS serve /predict, a 300 s request timeout; loopback only without
+    credentials), run from `cwd` (default the checkout, where `_wsgi.py` lives) with this
+    process's environment updated with `env`;
     output goes to `log_path`. Ready when GET /health answers 200 (it needs no auth).
     Raises StackError with the log tail when gunicorn exits first (e.g. the app fails to
     import), `timeout` seconds pass, or the port is already taken.
@@ -539,14 +582,10 @@ def running_backend(
     url = f"http://127.0.0.1:{port}"
     command = [
         str(venv_bin("gunicorn")),
+        "--config",
+        str(REPO_ROOT / "gunicorn.conf.py"),
         "--bind",
         f"127.0.0.1:{port}",
-        "--workers",
-        "1",
-        "--threads",
-        "4",
-        "--timeout",
-        "300",
         app_module,
     ]
     process = _start(command, _child_environment(env), log_path, cwd or REPO_ROOT)

@@ -39,10 +39,18 @@ def real_wafers(
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    """A real Label Studio 1.23.2 for the session; LABEL_STUDIO_TEST_DATA_DIR keeps its database."""
+    """A real Label Studio 1.23.2 for the session, on the PostgreSQL at 127.0.0.1:5432 when one
+    answers (else SQLite; WAFER_LABEL_STUDIO_DB=sqlite|postgresql|auto chooses).
+    LABEL_STUDIO_TEST_DATA_DIR keeps its data dir and database for the next run; otherwise the
+    PostgreSQL database made for the session is dropped at its end."""
     configured = os.environ.get("LABEL_STUDIO_TEST_DATA_DIR")
     data_dir = Path(configured) if configured else tmp_path_factory.mktemp("label-studio")
-    with running_label_studio(data_dir) as server:
+    with running_label_studio(
+        data_dir,
+        database=os.environ.get("WAFER_LABEL_STUDIO_DB", "auto"),
+        drop_database_on_exit=not configured,
+    ) as server:
+        print(f"\nLabel Studio for the tests: {server.url} on {server.database.describe()}")
         yield server
 
 
@@ -54,7 +62,10 @@ def ls(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
 
 
 #: The Redis database unit tests use; flushed before and after each test that takes `redis`.
-TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+#: WAFER_TEST_REDIS_URL moves it, so two test runs on one machine do not flush each other's data.
+TEST_REDIS_URL = os.environ.get("WAFER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+#: The Redis database the whole-loop tests give their backend and worker (WAFER_E2E_REDIS_URL).
+E2E_REDIS_URL = os.environ.get("WAFER_E2E_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,8 +13,9 @@ from typing import Any
 import flask
 import pytest
 from flask.testing import FlaskClient
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from backend.app import MLBackend, create_app
+from backend.app import MLBackend, RequestLimits, create_app
 
 USER, PASSWORD = "labeler", "s3cret-pass"
 LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -24,18 +27,24 @@ class FakeBackend:
     fail_predict: bool = False
     wrong_count: bool = False
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    projects: list[str | None] = field(default_factory=list)
 
-    def model_version(self) -> str:
-        return self.version
+    def versions(self, project: str | None) -> list[str]:
+        self.calls.append(("versions", project))
+        return ["wafer-v0", self.version]
+
+    def health(self) -> dict[str, Any]:
+        return {"projects": {"1": self.version}, "problems": []}
 
     def setup(self, project: str, schema: str, extra: Mapping[str, Any]) -> str:
         self.calls.append(("setup", (project, schema, dict(extra))))
         return self.version
 
     def predict(
-        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None
+        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None, project: str | None
     ) -> list[dict[str, Any]]:
         self.calls.append(("predict", (tasks, context)))
+        self.projects.append(project)
         if self.fail_predict:
             raise RuntimeError("model file is damaged")
         entries = [
@@ -105,7 +114,8 @@ def test_health(client: FlaskClient) -> None:
     assert response.json == {
         "status": "UP",
         "model_class": "FakeBackend",
-        "model_version": "wafer-v1",
+        "projects": {"1": "wafer-v1"},
+        "problems": [],
     }
 
 
@@ -192,7 +202,8 @@ def test_bodies_that_are_not_json_objects(client: FlaskClient, path: str) -> Non
     ]:
         response = client.post(path, data=data, content_type=content_type)
         assert response.status_code == 400, (path, data)
-        assert response.json == {"error": "the request body must be a JSON object"}
+        assert response.json is not None
+        assert response.json["error"].startswith("the request body must be a JSON object")
 
 
 def test_an_error_inside_predict_is_a_json_500_without_a_traceback(
@@ -246,12 +257,160 @@ def test_unknown_routes_and_methods_answer_json(client: FlaskClient) -> None:
     assert response.is_json and response.json is not None and response.json["error"]
 
 
-def test_oversized_bodies_are_refused(fake: FakeBackend) -> None:
-    small = create_app(as_backend(fake), basic_auth=None, max_body_bytes=1000).test_client()
-    response = small.post("/predict", json={"tasks": [{"data": {"image": "x" * 2000}}]})
+class _UnreadableBody(io.RawIOBase):
+    """A request body that fails the test if anything reads it."""
+
+    def readable(self) -> bool:
+        return True
+
+
+    def readinto(self, buffer: Any) -> int:
+        raise AssertionError("the body was read although Content-Length is over the limit")
+
+
+def test_oversized_bodies_are_refused_before_reading(fake: FakeBackend) -> None:
+    limits = RequestLimits(max_body_bytes=2048)
+    app = create_app(as_backend(fake), basic_auth=None, limits=limits)
+    small = app.test_client()
+    response = small.post("/predict", json={"tasks": [{"data": {"image": "x" * 3000}}]})
     assert response.status_code == 413
-    assert response.is_json
+    assert response.json is not None and "WAFER_MAX_REQUEST_MB" in response.json["error"]
+    # Content-Length says too much: refused without reading a byte.
+    environ = EnvironBuilder(path="/predict", method="POST").get_environ()
+    environ.update({"CONTENT_LENGTH": str(64 * 2**20), "wsgi.input": _UnreadableBody()})
+    body, status, _ = run_wsgi_app(app, environ, buffered=True)
+    assert status.startswith("413")
+    assert b"WAFER_MAX_REQUEST_MB" in b"".join(body)
     assert fake.calls == []
+
+
+def test_huge_request_of_empty_tasks_is_refused_fast_and_small(
+    client: FlaskClient, fake: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's 4 MiB of {"tasks":[{},{},...]}: 1.4 M tasks, over the task cap."""
+    body = b'{"tasks":[' + b",".join([b"{}"] * (4 * 2**20 // 3)) + b"]}"
+    assert len(body) >= 4 * 2**20
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json is not None
+    assert "too many tasks in one /predict: 1398101" in response.json["error"]
+    assert "WAFER_MAX_TASKS" in response.json["error"]
+    assert len(response.get_data()) < 300
+    assert fake.calls == []
+    assert len(caplog.records) <= 1
+
+
+def test_the_task_cap_is_configurable(fake: FakeBackend) -> None:
+    capped = create_app(as_backend(fake), basic_auth=None, limits=RequestLimits(max_tasks=2))
+    client = capped.test_client()
+    assert client.post("/predict", json=PREDICT_BODY).status_code == 200
+    response = client.post("/predict", json={**PREDICT_BODY, "tasks": TASKS + TASKS[:1]})
+    assert response.status_code == 400
+    assert response.json is not None and "the limit is 2" in response.json["error"]
+
+
+@pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook", "/versions"])
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"a":' * 100_000, b'{"tasks": [' + b"[" * 50_000],
+    ids=["lists", "objects", "inside-tasks"],
+)
+def test_deeply_nested_json_is_a_400(
+    client: FlaskClient, fake: FakeBackend, path: str, body: bytes
+) -> None:
+    response = client.open(path, method="GET" if path == "/versions" else "POST", data=body)
+    assert response.status_code == 400
+    assert response.json is not None and "nested too deeply" in response.json["error"]
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"tasks": [], "x": NaN}', b'{"tasks": [], "x": -Infinity}', b'{"tasks": [1e999]}']
+)
+def test_numbers_json_does_not_have_are_a_400(client: FlaskClient, body: bytes) -> None:
+    response = client.post("/predict", data=body)
+    assert response.status_code == 400
+    assert response.json is not None and "not JSON" in response.json["error"]
+
+
+def test_the_project_reaches_the_backend(client: FlaskClient, fake: FakeBackend) -> None:
+    client.post("/predict", json=PREDICT_BODY)
+    without = {"tasks": TASKS}  # older callers: the project only in the tasks
+    client.post("/predict", json=without)
+    client.post("/predict", json={"tasks": [*TASKS, {**TASKS[0], "project": 2}]})
+    assert fake.projects == ["1.1700000000", "1", None]
+    assert client.post("/predict", json={**PREDICT_BODY, "project": [1]}).status_code == 400
+
+
+def test_versions_as_label_studio_asks(client: FlaskClient, fake: FakeBackend) -> None:
+    # Label Studio 1.23.2 sends GET /versions with {"project": "<id>.<created>"} as JSON body.
+    response = client.open("/versions", method="GET", json={"project": "3.1700000000"})
+    assert response.status_code == 200
+    assert response.json == {"versions": ["wafer-v0", "wafer-v1"]}
+    client.get("/versions?project=4")
+    client.get("/versions")
+    assert fake.calls == [("versions", "3.1700000000"), ("versions", "4"), ("versions", None)]
+
+
+def test_a_full_backend_answers_503_at_once_and_health_still_answers(fake: FakeBackend) -> None:
+    """/predict requests over the budget are refused without waiting; /health never waits."""
+    release, entered = threading.Event(), threading.Event()
+    slow = SlowBackend(release=release, entered=entered)
+    app = create_app(
+        as_backend(slow), basic_auth=None, limits=RequestLimits(predict_requests=1, predict_slots=1)
+    )
+    first: list[int] = []
+    worker = threading.Thread(
+        target=lambda: first.append(
+            app.test_client().post("/predict", json=PREDICT_BODY).status_code
+        )
+    )
+    worker.start()
+    try:
+        assert entered.wait(10)
+        busy = app.test_client().post("/predict", json=PREDICT_BODY)
+        assert busy.status_code == 503
+        assert busy.headers["Retry-After"] == "5"
+        assert busy.json is not None and "WAFER_PREDICT_REQUESTS" in busy.json["error"]
+        assert app.test_client().get("/health").status_code == 200
+    finally:
+        release.set()
+        worker.join(10)
+    assert first == [200]
+    assert app.test_client().post("/predict", json=PREDICT_BODY).status_code == 200
+
+
+@dataclass
+class SlowBackend(FakeBackend):
+    """Predictions that wait until the test releases them."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def predict(
+        self, tasks: list[dict[str, Any]], context: Mapping[str, Any] | None, project: str | None
+    ) -> list[dict[str, Any]]:
+        self.entered.set()
+        self.release.wait(10)
+        return super().predict(tasks, context, project)
+
+
+def test_an_open_backend_says_so(fake: FakeBackend, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="backend.app"):
+        create_app(as_backend(fake), basic_auth=None)
+    assert "NO AUTHENTICATION" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="backend.app"):
+        create_app(as_backend(fake), basic_auth=(USER, PASSWORD))
+    assert "NO AUTHENTICATION" not in caplog.text
+
+
+def test_required_auth_refuses_to_start_without_credentials(fake: FakeBackend) -> None:
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        create_app(as_backend(fake), basic_auth=None, require_auth=True)
+    app = create_app(as_backend(fake), basic_auth=(USER, PASSWORD), require_auth=True)
+    assert app.test_client().get("/metrics").status_code == 401
 
 
 def test_health_needs_no_credentials(locked: FlaskClient) -> None:
@@ -339,4 +498,5 @@ def test_app_is_a_flask_app(fake: FakeBackend) -> None:
         "/predict",
         "/webhook",
         "/metrics",
+        "/versions",
     }

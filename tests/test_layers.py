@@ -14,6 +14,7 @@ BACKEND = Path(__file__).resolve().parent.parent / "backend"
 LAYERS = {
     0: {
         "settings",
+        "addresses",
         "label_config",
         "wafers",
         "encoding",
@@ -31,8 +32,13 @@ LAYERS = {
         "plots",
         "model_store",
         "images",
+        "image_client",
+        "browser",
         "labelstudio",
+        "label_studio_db",
         "stack",
+        "loop_keys",
+        "loop_state",
     },
     2: {
         "study",
@@ -40,11 +46,25 @@ LAYERS = {
         "predictions",
         "wafer_sets",
         "jobs",
+        "workbench",
+        "preannotation",
+        "retraining",
+        "reconcile",
+        "first_model",
         "events",
         "ops",
         "engineers",
     },
-    3: {"cli", "cli_labelstudio", "__main__", "app", "service", "demo"},
+    3: {
+        "cli",
+        "cli_labelstudio",
+        "cli_reconcile",
+        "__main__",
+        "app",
+        "service",
+        "demo",
+        "screenshots",
+    },
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 PURE_ALLOWED = {"numpy"} | set(sys.stdlib_module_names)

@@ -16,7 +16,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,10 +43,11 @@ from backend.stack import (
 )
 from backend.wafer_sets import SetPlan, import_sets, plan_sets
 from backend.wafers import WaferMaps
+from tests.conftest import E2E_REDIS_URL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = E2E_REDIS_URL
 AUTH = ("fab-backend", secrets.token_urlsafe(12))
 LOOP_TIMEOUT_S = 900
 
@@ -252,8 +252,3 @@ def _start_training(loop: Loop) -> None:
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] in ("queued", "already queued")
-
-
-def test_a_path_to_the_models_is_kept_per_version(loop: Loop) -> None:
-    files = sorted(Path(loop.store.versions_dir).glob("*.pt"))
-    assert [f.stem for f in files] == sorted(loop.store.versions())

@@ -14,7 +14,7 @@ import torch
 
 from backend.classifier import ModelCard, WaferClassifier, build_network
 from backend.encoding import render_picture, resize_nearest
-from backend.images import ImageError, data_url, model_input, png_bytes
+from backend.images import ImageError, ImageRules, data_url, model_input, png_bytes
 from backend.label_config import LabelConfig
 from backend.predictions import (
     ERROR_ROUTE,
@@ -220,7 +220,12 @@ def test_pictures_from_data_urls_predict_like_the_die_maps(
     """L1 and L2 together: annotator PNGs in the tasks give the die maps' own prediction."""
     client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404)))
     fetch = functools.partial(
-        model_input, client=client, label_studio_url=None, api_key=None, size=SIZE
+        model_input,
+        client=client,
+        label_studio_url=None,
+        api_key=None,
+        size=SIZE,
+        rules=ImageRules(allowed_hosts=("pictures.example",)),
     )
     maps = [wafer(s) for s in range(3)]
     tasks = [task(i, data_url(png_bytes(render_picture(m)))) for i, m in enumerate(maps)]

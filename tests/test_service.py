@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.server
+import logging
+import os
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -23,7 +30,8 @@ from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.model_store import ModelStore
 from backend.service import NO_MODEL, WaferLabelingService
-from backend.settings import Settings
+from backend.settings import REPO_ROOT, Settings
+from backend.stack import free_port, running_backend, venv_bin
 from model import WaferMapModel
 from tests.conftest import TEST_REDIS_URL
 
@@ -33,6 +41,7 @@ VERSION = "v001-set0"
 SIZE = 16
 USER, PASSWORD = "labeler", "s3cret-pass"
 ENGINEER = 7
+PROJECT = 2
 
 
 def settings_for(model_dir: Path, redis_url: str = REDIS_URL) -> Settings:
@@ -47,11 +56,18 @@ def settings_for(model_dir: Path, redis_url: str = REDIS_URL) -> Settings:
     )
 
 
-def publish_tiny_model(model_dir: Path, labels: LabelConfig) -> ModelCard:
-    store = ModelStore(model_dir, torch.device("cpu"))
+def publish_tiny_model(
+    model_dir: Path,
+    labels: LabelConfig,
+    project: int = PROJECT,
+    version: str = VERSION,
+    seed: int = 0,
+) -> ModelCard:
+    """A random resnet18 as `version` of `project` (served at once)."""
+    store = ModelStore.for_project(model_dir, project, torch.device("cpu"))
     n = len(labels.failure_types)
     card = ModelCard(
-        version=VERSION,
+        version=version,
         failure_types=labels.failure_types,
         image_size=SIZE,
         backbone="resnet18",
@@ -59,7 +75,7 @@ def publish_tiny_model(model_dir: Path, labels: LabelConfig) -> ModelCard:
         training={"trained_through_set": 0},
         metrics={"route_threshold": 0.5, "validation_accuracy": 0.9},
     )
-    network = build_network("resnet18", n, seed=0)
+    network = build_network("resnet18", n, seed=seed)
     store.publish(WaferClassifier(network=network, card=card, device=torch.device("cpu")))
     return card
 
@@ -117,7 +133,8 @@ def test_health_reports_the_served_version(client: FlaskClient) -> None:
     assert response.json == {
         "status": "UP",
         "model_class": "WaferLabelingService",
-        "model_version": VERSION,
+        "projects": {"2": VERSION},
+        "problems": [],
     }
 
 
@@ -171,7 +188,8 @@ def test_predict_without_a_model(tmp_path: Path, redis: Redis) -> None:
     assert client.get("/health").json == {
         "status": "UP",
         "model_class": "WaferLabelingService",
-        "model_version": NO_MODEL,
+        "projects": {},
+        "problems": [],
     }
     tasks = [picture_task(1, 1), picture_task(2, 2)]
     response = client.post("/predict", json=predict_body(tasks))
@@ -227,8 +245,8 @@ def test_metrics_lists_the_versions(client: FlaskClient, redis: Redis) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
     body = body_of(response)
-    assert body["model_version"] == VERSION
-    [version] = body["versions"]
+    assert body["projects"]["2"]["model_version"] == VERSION
+    [version] = body["projects"]["2"]["versions"]
     assert version["version"] == VERSION
     assert version["backbone"] == "resnet18"
     assert version["image_size"] == SIZE
@@ -254,9 +272,10 @@ def test_basic_auth_guards_everything_but_health(model_dir: Path, redis: Redis) 
 
 def test_top_level_model_class(model_dir: Path, redis: Redis, label_config: LabelConfig) -> None:
     model = WaferMapModel(settings_for(model_dir))
-    assert model.model_version() == VERSION
-    assert model.setup("3", DEFAULT_LABEL_CONFIG.read_text(), {}) == VERSION
-    [entry] = model.predict([picture_task(1, 4)])
+    assert model.model_version("2.1700000000") == VERSION
+    assert model.setup("2", DEFAULT_LABEL_CONFIG.read_text(), {}) == VERSION
+    assert model.setup("3", DEFAULT_LABEL_CONFIG.read_text(), {}) == NO_MODEL
+    [entry] = model.predict([picture_task(1, 4)], None, "2.1700000000")
     assert entry["model_version"] == VERSION
     assert entry["result"][0]["value"]["choices"][0] in label_config.failure_types
     assert model.fit("START_TRAINING", {"project": {"id": 3}}) == {
@@ -268,4 +287,220 @@ def test_top_level_model_class(model_dir: Path, redis: Redis, label_config: Labe
     assert queue.count == 1
     assert queue.jobs[0].args == (3,)
     assert model.webhook({"action": "TASKS_CREATED", "project": 3})["status"] == "already queued"
-    assert model.metrics()["versions"][0]["version"] == VERSION
+    assert model.metrics()["projects"]["2"]["versions"][0]["version"] == VERSION
+    assert model.versions("2") == [VERSION]
+    assert model.health()["projects"] == {"2": VERSION, "3": NO_MODEL}
+
+
+# ---- one model per project, /versions, store problems ----------------------------------------
+
+
+def test_each_project_is_served_its_own_model(
+    model_dir: Path, redis: Redis, label_config: LabelConfig
+) -> None:
+    publish_tiny_model(model_dir, label_config, project=5, version="v001-other", seed=1)
+    client = app_client(settings_for(model_dir))
+    schema = DEFAULT_LABEL_CONFIG.read_text()
+    for project, version in (("2.1700000000", VERSION), ("5.1700000001", "v001-other")):
+        assert body_of(client.post("/setup", json={"project": project, "schema": schema})) == {
+            "model_version": version
+        }
+        body = {**predict_body([picture_task(1, 1)]), "project": project}
+        [entry] = body_of(client.post("/predict", json=body))["results"]
+        assert entry["model_version"] == version and entry["result"]
+        versions = client.open("/versions", method="GET", json={"project": project})
+        assert body_of(versions) == {"versions": [version]}
+    # A project without a model of its own gets none of the others'.
+    setup = client.post("/setup", json={"project": "7.1700000002", "schema": schema})
+    assert body_of(setup) == {"model_version": NO_MODEL}
+    [entry] = body_of(
+        client.post("/predict", json={**predict_body([picture_task(1, 1)]), "project": "7.1"})
+    )["results"]
+    assert "result" not in entry and "project 7" in entry["error"]
+    assert body_of(client.get("/versions?project=7")) == {"versions": [NO_MODEL]}
+    health = body_of(client.get("/health"))
+    assert health["projects"] == {"2": VERSION, "5": "v001-other", "7": NO_MODEL}
+
+
+@pytest.mark.parametrize("project", ["x.1", "0.5", "-3", "99999999999999999999", "", "1e3"])
+def test_requests_for_no_usable_project_are_a_400(client: FlaskClient, project: str) -> None:
+    body = {**predict_body([picture_task(1, 1)]), "project": project}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400, project
+    assert "project" in body_of(response)["error"]
+
+
+def test_a_bad_model_card_breaks_no_route(model_dir: Path, redis: Redis) -> None:
+    """The review's `card.json = {}`: /metrics answered 500 KeyError."""
+    store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
+    store.card_path_of(VERSION).write_text("{}")
+    client = app_client(settings_for(model_dir))
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    [version] = body_of(metrics)["projects"]["2"]["versions"]
+    assert version["version"] == VERSION  # read from the weights instead, or an error entry
+    assert "backbone" in version or "error" in version
+    assert client.get("/versions?project=2").status_code == 200
+    assert client.get("/health").status_code == 200
+    # Card and weights both unreadable: listed as unreadable, still no 500.
+    store.path_of(VERSION).write_bytes(b"not a checkpoint")
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    [version] = body_of(metrics)["projects"]["2"]["versions"]
+    assert version["version"] == VERSION and "error" in version
+    assert str(model_dir) not in metrics.get_data(as_text=True)
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert body_of(health)["problems"]
+
+
+def test_health_reports_a_current_that_cannot_be_served(model_dir: Path, redis: Redis) -> None:
+    store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
+    (store.root / "CURRENT").write_text("../../etc/passwd\n")
+    client = app_client(settings_for(model_dir))
+    health = client.get("/health")
+    assert health.status_code == 200
+    [problem] = body_of(health)["problems"]
+    assert problem.startswith("project 2:")
+    assert "/etc/passwd" not in health.get_data(as_text=True).replace("../../etc/passwd", "")
+
+
+# ---- bounded requests against the real service -----------------------------------------------
+
+
+def test_failed_tasks_are_summarised_in_one_log_line(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [{"id": i, "data": {"image": "data:image/png;base64,AAAA"}} for i in range(50)]
+    with caplog.at_level(logging.DEBUG, logger="backend"):
+        response = client.post("/predict", json=predict_body([*bad, picture_task(99, 1)]))
+    results = body_of(response)["results"]
+    assert len(results) == 51 and "result" in results[-1]
+    failures = [r for r in caplog.records if "tasks failed" in r.getMessage()]
+    [line] = failures
+    assert "50 of 51 tasks failed: task 0:" in line.getMessage()
+    assert "(and 47 more)" in line.getMessage()
+    assert len([r for r in caplog.records if r.name.startswith("backend.service")]) == 1
+
+
+def test_huge_requests_stay_bounded(client: FlaskClient, caplog: pytest.LogCaptureFixture) -> None:
+    """The review's 4 MiB of {"tasks":[{},{},...]} (59 s, +1.1 GB, 112 MiB answer, 1.4 M log
+    lines): now refused by the task cap; a batch of empty tasks under the cap gets one small
+    error entry each and one log line."""
+    huge = b'{"tasks":[' + b",".join([b"{}"] * (4 * 2**20 // 3)) + b'], "project": "2.1"}'
+    with caplog.at_level(logging.DEBUG):
+        refused = client.post("/predict", data=huge, content_type="application/json")
+        assert refused.status_code == 400
+        assert "too many tasks" in body_of(refused)["error"]
+        assert len(refused.get_data()) < 300
+        under_cap = {"tasks": [{}] * 20_000, "project": "2.1"}
+        answered = client.post("/predict", json=under_cap)
+    assert answered.status_code == 200
+    results = body_of(answered)["results"]
+    assert len(results) == 20_000 and all("error" in r for r in results)
+    assert len(answered.get_data()) < 200 * 20_000
+    assert len(caplog.records) <= 3
+
+
+# ---- served by a real gunicorn ---------------------------------------------------------------
+
+
+class _SlowPictures(http.server.BaseHTTPRequestHandler):
+    """Label Studio's upload URLs, answered after a pause (a slow Label Studio on loopback)."""
+
+    picture = png_bytes(render_picture(die_map(5)))
+    served = 0
+    pause = 2.0
+
+    def do_GET(self) -> None:
+        type(self).served += 1
+        time.sleep(self.pause)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.picture)))
+        self.end_headers()
+        self.wfile.write(self.picture)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_health_answers_within_label_studios_second_while_predictions_run(
+    model_dir: Path, redis: Redis, tmp_path: Path
+) -> None:
+    """Label Studio marks a backend disconnected when /health takes over 1 s: with more
+    /predict calls in flight than the backend takes (each waiting on slow pictures), /health
+    must still answer within that second."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowPictures)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": REDIS_URL,
+        "LABEL_STUDIO_URL": f"http://127.0.0.1:{server.server_address[1]}",
+        "LABEL_STUDIO_API_KEY": "",
+        "WAFER_DEVICE": "cpu",
+        "WAFER_BACKBONE": "resnet18",
+    }
+    task = {"id": 1, "data": {"image": "/data/upload/2/wafer.png"}, "project": PROJECT}
+    statuses: list[int] = []
+    try:
+        with running_backend(env, free_port(), tmp_path / "backend.log") as url:
+
+            def post() -> None:
+                body = predict_body([task, {**task, "id": 2}])
+                statuses.append(httpx.post(f"{url}/predict", json=body, timeout=120).status_code)
+
+            callers = [threading.Thread(target=post) for _ in range(24)]
+            for caller in callers:
+                caller.start()
+            deadline = time.monotonic() + 60
+            while _SlowPictures.served < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _SlowPictures.served >= 2, "no prediction reached the picture server"
+            for _ in range(10):
+                health = httpx.get(f"{url}/health", timeout=1.0)  # Label Studio's own limit
+                assert health.status_code == 200
+                assert health.json()["projects"] == {"2": VERSION}
+                time.sleep(0.2)
+            assert any(caller.is_alive() for caller in callers)  # still predicting meanwhile
+            for caller in callers:
+                caller.join(120)
+    finally:
+        server.shutdown()
+    assert len(statuses) == 24
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= 2  # at most WAFER_PREDICT_REQUESTS (20) taken, none lost
+
+
+def test_gunicorn_refuses_an_open_backend_on_other_addresses(tmp_path: Path) -> None:
+    """Without credentials the backend serves loopback only (gunicorn.conf.py checks before
+    any socket is opened), and too few threads for the /predict budget are refused."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH_")}
+    gunicorn = [str(venv_bin("gunicorn")), "--config", str(REPO_ROOT / "gunicorn.conf.py")]
+    for extra, message in (
+        (["--bind", "0.0.0.0:9"], "refusing to serve 0.0.0.0:9 without credentials"),
+        (["--bind", f"127.0.0.1:{free_port()}", "--threads", "4"], "must be more than"),
+    ):
+        done = subprocess.run(
+            [*gunicorn, *extra, "_wsgi:app"],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert message in done.stderr
+
+
+def test_the_docker_image_requires_credentials() -> None:
+    """The image sets WAFER_REQUIRE_AUTH and compose refuses to start without credentials."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "WAFER_REQUIRE_AUTH=true" in dockerfile
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    assert "BASIC_AUTH_USER: ${BASIC_AUTH_USER:?" in compose
+    assert "BASIC_AUTH_PASS: ${BASIC_AUTH_PASS:?" in compose
+    settings = Settings.from_env({"WAFER_REQUIRE_AUTH": "true"})
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        create_app(
+            WaferLabelingService(settings),
+            basic_auth=settings.basic_auth,
+            require_auth=settings.require_auth,
+        )

@@ -86,3 +86,38 @@ def test_service_defaults_and_missing_key() -> None:
 def test_bad_service_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+def test_image_settings() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.image_hosts == () and defaults.image_max_pixels == 4_000_000
+    assert defaults.image_max_bytes == 16 * 2**20 and defaults.image_timeout_s == 10.0
+    settings = Settings.from_env(
+        {
+            "WAFER_IMAGE_HOSTS": "Images.Fab.Local, *.cdn.fab.local,10.1.2.3",
+            "WAFER_IMAGE_MAX_PIXELS": "1000000",
+            "WAFER_IMAGE_MAX_MB": "2",
+            "WAFER_IMAGE_TIMEOUT": "2.5",
+        }
+    )
+    assert settings.image_hosts == ("images.fab.local", "*.cdn.fab.local", "10.1.2.3")
+    assert (settings.image_max_pixels, settings.image_max_bytes) == (1_000_000, 2 * 2**20)
+    assert settings.image_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WAFER_IMAGE_HOSTS": "https://images.fab.local"}, "WAFER_IMAGE_HOSTS: .* not a host"),
+        ({"WAFER_IMAGE_HOSTS": "images.fab.local:8080"}, "no scheme, port or path"),
+        ({"WAFER_IMAGE_MAX_PIXELS": "0"}, "WAFER_IMAGE_MAX_PIXELS and WAFER_IMAGE_MAX_MB"),
+        ({"WAFER_IMAGE_MAX_PIXELS": "4M"}, "WAFER_IMAGE_MAX_PIXELS must be an integer"),
+        ({"WAFER_IMAGE_MAX_MB": "0"}, "WAFER_IMAGE_MAX_PIXELS and WAFER_IMAGE_MAX_MB"),
+        ({"WAFER_IMAGE_TIMEOUT": "0"}, r"WAFER_IMAGE_TIMEOUT must be within \(0, 600\]"),
+        ({"WAFER_IMAGE_TIMEOUT": "-1"}, "WAFER_IMAGE_TIMEOUT must be within"),
+        ({"WAFER_IMAGE_TIMEOUT": "3600"}, "WAFER_IMAGE_TIMEOUT must be within"),
+    ],
+)
+def test_bad_image_settings_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)

@@ -29,8 +29,9 @@ from backend.stack import (
     running_worker,
     wait_for_worker,
 )
+from tests.conftest import TEST_REDIS_URL
 
-MACHINE_REDIS = "redis://127.0.0.1:6379/15"
+MACHINE_REDIS = TEST_REDIS_URL
 
 HEALTHY_APP = '''
 def app(environ, start_response):

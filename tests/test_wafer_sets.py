@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -12,13 +13,19 @@ import pytest
 
 from backend.encoding import resize_nearest
 from backend.images import model_input
-from backend.label_config import LabelConfig
+from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
+from backend.labelstudio import LabelStudioClient
 from backend.wafer_sets import (
     INITIAL_SET,
     SetPlan,
     choice_result,
+    cut_into_sets,
+    highest_set,
+    import_wafers,
+    lot_groups,
     plan_sets,
     read_truth,
+    source_name,
     wafer_task,
     write_truth,
 )
@@ -181,3 +188,194 @@ def test_read_truth_refuses_another_csv(tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(ValueError, match="not a truth file"):
         read_truth(empty)
+
+
+# ---- new wafers as the next sets --------------------------------------------------------------
+
+
+def test_lot_groups_keep_lots_together_in_order_of_first_appearance() -> None:
+    lots = np.array(["b", "a", "b", "", "c", "a", ""], dtype=np.str_)
+    groups = [g.tolist() for g in lot_groups(lots)]
+    # b first (row 0), then a (row 1), then the unknown-lot wafer of row 3 alone, c, row 6 alone
+    assert groups == [[0, 2], [1, 5], [3], [4], [6]]
+
+
+def test_cut_by_count_never_splits_a_lot() -> None:
+    lots = np.array(["x"] * 3 + ["y"] * 4 + ["z"] * 2 + ["big"] * 7 + ["w"], dtype=np.str_)
+    sets = [s.tolist() for s in cut_into_sets(lots, per_set=6)]
+    assert sets == [[0, 1, 2], [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [16]]
+    for members in cut_into_sets(lots, per_set=6):
+        for lot in set(lots[members].tolist()):
+            assert set(np.flatnonzero(lots == lot).tolist()) <= set(members.tolist())
+    # every wafer exactly once
+    everything = np.concatenate(cut_into_sets(lots, per_set=4))
+    assert sorted(everything.tolist()) == list(range(len(lots)))
+
+
+def test_cut_by_lots_per_set() -> None:
+    lots = np.array(["a", "a", "b", "c", "c", "c", "d", "e"], dtype=np.str_)
+    assert [s.tolist() for s in cut_into_sets(lots, lots_per_set=2)] == [
+        [0, 1, 2],
+        [3, 4, 5, 6],
+        [7],
+    ]
+    assert cut_into_sets(np.array([], dtype=np.str_), lots_per_set=2) == []
+
+
+@pytest.mark.parametrize(
+    ("per_set", "lots_per_set", "message"),
+    [(None, None, "either by count"), (3, 2, "either by count"), (0, None, "positive")],
+)
+def test_cut_needs_exactly_one_positive_way(
+    per_set: int | None, lots_per_set: int | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cut_into_sets(np.array(["a"], dtype=np.str_), per_set=per_set, lots_per_set=lots_per_set)
+
+
+def test_source_name_is_the_file_stem_or_a_given_name() -> None:
+    assert source_name(Path("/data/LSWMD.zip")) == source_name(Path("LSWMD.pkl")) == "LSWMD"
+    assert source_name(Path("x.npz"), "fab-7_2026.12") == "fab-7_2026.12"
+    with pytest.raises(ValueError, match="source name"):
+        source_name(Path("x.npz"), "has space")
+
+
+def new_wafers(label_config: LabelConfig, n: int, first_row: int, lot_size: int) -> WaferMaps:
+    """`n` unlabelled wafers in whole lots of `lot_size` (the last may be short), wafer ids
+    first_row, first_row + 1, ..."""
+    rng = np.random.default_rng(first_row)
+    return WaferMaps.from_maps(
+        [random_map(rng) for _ in range(n)],
+        labels=[""] * n,
+        classes=label_config.failure_types,
+        lots=[f"lot{first_row // lot_size + i // lot_size}" for i in range(n)],
+        wafer_index=[1 + i % lot_size for i in range(n)],
+        source_row=range(first_row, first_row + n),
+    )
+
+
+def project_wafers(ls: LabelStudioClient, project: int) -> list[dict[str, Any]]:
+    """(set, source, wafer_id, lot, annotated) of every task, by task id."""
+    return [
+        {
+            "set": t["data"]["set"],
+            "source": t["data"]["source"],
+            "wafer_id": t["data"]["wafer_id"],
+            "lot": t["data"]["lot"],
+            "annotated": bool(t["annotations"]),
+        }
+        for t in ls.tasks(project)
+    ]
+
+
+@pytest.fixture
+def history_project(
+    ls: LabelStudioClient, label_config: LabelConfig, wafers: WaferMaps, request: Any
+) -> int:
+    """A project whose set 0 holds 8 labelled wafers of source 'history'."""
+    title = f"import {request.node.name}"[:50]
+    project = ls.create_project(title, DEFAULT_LABEL_CONFIG.read_text())
+    labelled = np.flatnonzero(wafers.labels >= 0)[:8]
+    outcome = import_wafers(
+        ls, project, wafers, label_config, [labelled], source="history", initial=True
+    )
+    assert outcome.imported == {INITIAL_SET: 8}
+    return project
+
+
+@pytest.mark.slow
+def test_new_wafers_follow_the_highest_set_and_a_reimport_is_skipped(
+    ls: LabelStudioClient, label_config: LabelConfig, history_project: int
+) -> None:
+    project = history_project
+    fresh = new_wafers(label_config, 23, first_row=100, lot_size=5)
+    cut = cut_into_sets(fresh.lots, per_set=10)
+    first = import_wafers(ls, project, fresh, label_config, cut, source="fab", chunk_size=4)
+    # lots of 5 (ids 100-104, 105-109, ...): 10, 10 and the last 3
+    assert first.imported == {1: 10, 2: 10, 3: 3}
+    assert first.skipped == 0
+    assert highest_set(ls, project) == 3
+
+    again = import_wafers(ls, project, fresh, label_config, cut, source="fab", chunk_size=4)
+    assert again.imported == {}
+    assert again.skipped == 23
+    assert "skipped 23" in again.summary()
+
+    # The same wafer ids from another source are other wafers; a later file comes after set 3.
+    other = import_wafers(
+        ls, project, fresh, label_config, [np.arange(5)], source="fab2", chunk_size=4
+    )
+    assert other.imported == {4: 5}
+    tasks = project_wafers(ls, project)
+    assert len(tasks) == 8 + 23 + 5
+    keys = [(t["source"], t["wafer_id"]) for t in tasks]
+    assert len(set(keys)) == len(keys), "no wafer twice"
+    assert all(t["annotated"] == (t["set"] == INITIAL_SET) for t in tasks)
+    assert {t["source"] for t in tasks if t["set"] == INITIAL_SET} == {"history"}
+    assert sorted(t["wafer_id"] for t in tasks if t["set"] == 1) == list(range(100, 110))
+
+
+@pytest.mark.slow
+def test_an_import_by_lot_never_splits_a_lot(
+    ls: LabelStudioClient, label_config: LabelConfig, history_project: int
+) -> None:
+    fresh = new_wafers(label_config, 17, first_row=200, lot_size=4)
+    cut = cut_into_sets(fresh.lots, lots_per_set=2)
+    outcome = import_wafers(ls, history_project, fresh, label_config, cut, source="fab")
+    assert outcome.imported == {1: 8, 2: 8, 3: 1}
+    sets_of_lot: dict[str, set[int]] = {}
+    for task in project_wafers(ls, history_project):
+        if task["source"] == "fab":
+            sets_of_lot.setdefault(task["lot"], set()).add(task["set"])
+    assert len(sets_of_lot) == 5
+    assert all(len(sets) == 1 for sets in sets_of_lot.values())
+
+
+@pytest.mark.slow
+def test_an_interrupted_import_resumes_without_duplicates(
+    ls: LabelStudioClient, label_config: LabelConfig, history_project: int
+) -> None:
+    fresh = new_wafers(label_config, 14, first_row=300, lot_size=7)
+    cut = cut_into_sets(fresh.lots, per_set=7)
+
+    class ImportStoppedError(Exception):
+        pass
+
+    def stop_after_first_chunk(set_number: int, count: int) -> None:
+        raise ImportStoppedError(f"stopped after a chunk of {count} wafers of set {set_number}")
+
+    with pytest.raises(ImportStoppedError):
+        import_wafers(
+            ls,
+            history_project,
+            fresh,
+            label_config,
+            cut,
+            source="fab",
+            chunk_size=3,
+            after_chunk=stop_after_first_chunk,
+        )
+    assert len(project_wafers(ls, history_project)) == 8 + 3
+    resumed = import_wafers(
+        ls, history_project, fresh, label_config, cut, source="fab", chunk_size=3
+    )
+    assert resumed.skipped == 3
+    assert resumed.imported == {1: 4, 2: 7}
+    tasks = [t for t in project_wafers(ls, history_project) if t["source"] == "fab"]
+    assert sorted(t["wafer_id"] for t in tasks) == list(range(300, 314))
+    # the interrupted set was continued, so each lot is one set, as a clean import makes it
+    assert {t["set"] for t in tasks if t["lot"] == "lot42"} == {1}
+    assert {t["set"] for t in tasks if t["lot"] == "lot43"} == {2}
+
+
+@pytest.mark.slow
+def test_new_wafers_need_a_project_with_set_0(
+    ls: LabelStudioClient, label_config: LabelConfig
+) -> None:
+    project = ls.create_project("import without history", DEFAULT_LABEL_CONFIG.read_text())
+    fresh = new_wafers(label_config, 2, first_row=0, lot_size=2)
+    with pytest.raises(ValueError, match="holds no set yet"):
+        import_wafers(ls, project, fresh, label_config, [np.arange(2)], source="fab")
+    with pytest.raises(ValueError, match="no known failure type for set 0"):
+        import_wafers(ls, project, fresh, label_config, [np.arange(2)], source="fab", initial=True)
+    assert ls.tasks(project) == []

@@ -7,8 +7,11 @@ The file is a pandas DataFrame pickled under Python 2 with pandas ~0.19: 811,457
 array for the 638,507 unlabelled wafers). Unpickling takes ~12 s and ~2.7 GB; the frame is freed as
 soon as the labelled die maps are copied out.
 
-Unpickling runs code named in the file: read only files you trust. The unpickler accepts numpy,
-pandas and pyarrow classes and a few harmless builtins, and refuses everything else.
+Unpickling calls the functions a pickle names, so the unpickler admits exactly the names that
+``LSWMD.pkl`` holds (found by recording a load of the real file) and the names today's numpy and
+pandas write for the same kind of frame; any other name (``os.system``, ``builtins.eval``,
+``numpy.testing.*``, ``numpy.load``, ``pandas.read_pickle``, ...) raises
+``pickle.UnpicklingError`` before anything is called.
 """
 
 from __future__ import annotations
@@ -38,40 +41,67 @@ READ_BUFFER_BYTES = 4 << 20  # a small-read stream out of zipfile is ~3x slower 
 _LEGACY_PACKAGE = "pandas.indexes"
 _MOVED_PACKAGE = "pandas.core.indexes"
 _LEGACY_INDEX_CLASSES = frozenset({"Int64Index", "Float64Index", "UInt64Index"})
-_TRUSTED_PACKAGES = frozenset({"numpy", "pandas", "pyarrow"})
-_TRUSTED_BUILTINS = frozenset(
-    {"slice", "bytes", "bytearray", "complex", "set", "frozenset", "object", "range"}
+# What LSWMD.pkl (Python 2, pandas 0.19, numpy 1.x, protocol 2) names, pandas.indexes.* already
+# renamed to pandas.core.indexes.*. Recorded by loading the real file: 10 names, nothing else.
+LSWMD_GLOBALS = frozenset(
+    {
+        ("builtins", "slice"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas.core.internals", "BlockManager"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+    }
 )
-_TRUSTED_GLOBALS = frozenset(
-    {("_codecs", "encode"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor")}
+# The same kind of frame (object columns of numpy arrays and str, float columns, object column
+# labels) written again by today's Python 3, numpy 2 (and numpy 1's spelling of the same function)
+# and pandas 3, pickle protocols 2-5, recorded the same way. Each only builds arrays, dtypes,
+# indexes or frames. pandas 3's own string columns (pyarrow buffers) are not admitted.
+CURRENT_PANDAS_GLOBALS = frozenset(
+    {
+        ("builtins", "bytearray"),  # protocol 2-4 array buffers
+        ("builtins", "bytes"),
+        ("_codecs", "encode"),  # protocol 2 bytes from Python 3
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),  # protocol 5 array buffers
+        ("numpy.core.numeric", "_frombuffer"),
+        ("pandas", "DataFrame"),
+        ("pandas", "Index"),
+        ("pandas", "RangeIndex"),
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.managers", "BlockManager"),
+    }
 )
+ADMITTED_GLOBALS = LSWMD_GLOBALS | CURRENT_PANDAS_GLOBALS
+_PYTHON2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class LegacyPandasUnpickler(pickle.Unpickler):
     """Unpickler for pandas-0.19 pickles on today's pandas; open it with ``encoding="latin1"``.
 
     ``pandas.indexes.*`` moved to ``pandas.core.indexes.*``, and ``Int64Index`` / ``Float64Index`` /
-    ``UInt64Index`` were folded into ``pandas.Index``. Classes outside numpy, pandas, pyarrow and a
-    few builtins raise ``pickle.UnpicklingError``.
+    ``UInt64Index`` were folded into ``pandas.Index``. A name outside ``ADMITTED_GLOBALS`` raises
+    ``pickle.UnpicklingError`` naming it, before anything is imported or called.
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        if name in _LEGACY_INDEX_CLASSES:
-            return pd.Index
         if module == _LEGACY_PACKAGE or module.startswith(_LEGACY_PACKAGE + "."):
             module = _MOVED_PACKAGE + module[len(_LEGACY_PACKAGE) :]
-        if not _trusted(module, name):
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a wafer-map file")
+        if module.startswith(_MOVED_PACKAGE) and name in _LEGACY_INDEX_CLASSES:
+            return pd.Index
+        module = _PYTHON2_MODULES.get(module, module)
+        if (module, name) not in ADMITTED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from a wafer-map file: only the names a "
+                "WM-811K LSWMD.pkl frame needs are allowed (this is another kind of pickle, or "
+                "one made to run code)"
+            )
         return super().find_class(module, name)
-
-
-def _trusted(module: str, name: str) -> bool:
-    """Whether a class or function named in the pickle may be loaded."""
-    if module.split(".", 1)[0] in _TRUSTED_PACKAGES:
-        return True
-    if module in ("builtins", "__builtin__"):
-        return name in _TRUSTED_BUILTINS
-    return (module, name) in _TRUSTED_GLOBALS
 
 
 def read_lswmd(

@@ -1,0 +1,42 @@
+"""The CLI's `reconcile` command: repair a project's loop by hand. Layer L3.
+
+Runs the same step as every advance job (`backend.jobs.advance`), in this process: repairs
+dead retrain keys and stale locks, queues the retraining of a finished set that no model
+learnt (the worker trains it), and pre-annotates open-set wafers that lack a prediction of the
+served version. Prints what it repaired and each step.
+"""
+
+from __future__ import annotations
+
+import json
+
+from redis import Redis
+
+from backend.jobs import advance
+from backend.labelstudio import LabelStudioClient
+from backend.ops import project_id
+from backend.settings import Settings
+from backend.workbench import Workbench
+
+
+def run_reconcile(project_ref: str, settings: Settings) -> int:
+    """Reconcile the project titled (or numbered) `project_ref`; 0 when it ran."""
+    url, key = settings.require_label_studio()
+    with LabelStudioClient.connect(url, key) as client:
+        project = project_id(client, project_ref)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        bench = Workbench.open(settings, redis, project)
+        try:
+            outcome = advance(bench, project)
+        finally:
+            bench.close()
+    finally:
+        redis.close()
+    repaired = outcome["repaired"]
+    print(f"project {project}: {len(repaired)} repair(s)")
+    for line in repaired:
+        print(f"  repaired: {line}")
+    for step in outcome["steps"]:
+        print(f"  step: {json.dumps(step, sort_keys=True)}")
+    return 0

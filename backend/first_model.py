@@ -1,0 +1,262 @@
+"""A project's first model, trained offline on a labelled history: `python -m backend train`.
+
+Layer L2 (the classifier and its training, the model store, the Label Studio client).
+
+The worker's first retraining learns from set 0 alone, a few hundred wafers in a demo; a fab has
+a labelled history of many thousands. This trains on that history (the labelled wafers of a
+wafer-map file, or the project's set 0 in Label Studio) and publishes the version through the
+project's model store, which writes weights and card atomically and serves it. Its card says
+"trained through set 0", so the loop goes on with pre-annotating set 1, and the worker's later
+retrainings warm-start from it (when WAFER_BACKBONE names the same backbone).
+
+Validation follows the worker's rule, so routing is calibrated and stays honest: a stable share
+(`backend.splits.stable_holdout`, WAFER_VALIDATION_FRACTION) of the person-labelled wafers is
+held out, keyed by the Label Studio task id. Wafers of a file are matched to the tasks of set 0
+by (source, wafer_id), so a wafer the worker will hold out was never trained on here; wafers that
+are not tasks of the project (trained before the import, or more history than set 0) are held
+out by the same hash of their wafer id. Import set 0 first for the exact match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from backend.calibration import calibrate
+from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.encoding import resize_nearest
+from backend.images import ImageError
+from backend.label_config import LabelConfig
+from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, set_filter
+from backend.loop_state import LabelSource, annotation_source, annotations_of, label_of
+from backend.settings import Settings
+from backend.splits import stable_holdout, stratified_sample
+from backend.training import TrainConfig, logit_adjustment, train_network
+from backend.uncertainty import Measure, uncertainty
+from backend.wafer_sets import INITIAL_SET
+from backend.wafers import WaferMaps
+
+#: The set a first model counts as trained through.
+TRAINED_THROUGH = INITIAL_SET
+
+
+@dataclass(frozen=True)
+class History:
+    """Labelled wafers as model inputs.
+
+    `holdout_keys` are what the stable holdout hashes: the task id for a wafer that is a task of
+    the project, else its wafer id. `by_person` marks labels a person gave (known labels of the
+    history, engineer labels), the only ones fit to validate on.
+    """
+
+    codes: npt.NDArray[np.uint8]
+    classes: npt.NDArray[np.int64]
+    holdout_keys: npt.NDArray[np.int64]
+    by_person: npt.NDArray[np.bool_]
+    in_project: int
+    origin: str
+    skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+
+def set0_task_ids(client: LabelStudioClient, project: int, source: str) -> dict[int, int]:
+    """wafer_id -> task id of the project's set-0 wafers from `source` (one listing of set 0)."""
+    filters = [
+        set_filter(INITIAL_SET),
+        TaskFilter("data.source", FilterOperator.EQUAL, "String", source),
+    ]
+    found: dict[int, int] = {}
+    for task_id, data in client.task_data(project, filters, ("wafer_id",)):
+        wafer = data.get("wafer_id")
+        if isinstance(wafer, int) and not isinstance(wafer, bool):
+            found[wafer] = task_id
+    return found
+
+
+def history_from_wafers(
+    wafers: WaferMaps,
+    size: int,
+    *,
+    subsample: float,
+    seed: int,
+    task_ids: Mapping[int, int],
+    origin: str,
+    progress: bool = True,
+) -> History:
+    """The labelled wafers of a file (a stratified `subsample` of them), as (size, size) codes.
+
+    `task_ids` maps wafer ids to the project's task ids (`set0_task_ids`).
+    """
+    labelled = np.flatnonzero(wafers.labels >= 0)
+    if labelled.size < 2:
+        raise ValueError(f"{origin} holds {labelled.size} labelled wafers; need at least 2")
+    rng = np.random.default_rng(seed)
+    chosen = labelled[stratified_sample(wafers.labels[labelled], subsample, rng)]
+    codes = np.empty((chosen.size, size, size), dtype=np.uint8)
+    for j, i in enumerate(
+        tqdm(chosen.tolist(), desc="encoding wafers", unit="wafer", disable=not progress)
+    ):
+        codes[j] = resize_nearest(wafers.die_map(i), size)
+    wafer_ids = wafers.source_row[chosen]
+    keys = np.array([task_ids.get(int(w), int(w)) for w in wafer_ids], dtype=np.int64)
+    return History(
+        codes=codes,
+        classes=wafers.labels[chosen].astype(np.int64),
+        holdout_keys=keys,
+        by_person=np.ones(chosen.size, dtype=np.bool_),
+        in_project=sum(int(w) in task_ids for w in wafer_ids),
+        origin=origin,
+    )
+
+
+def history_from_tasks(
+    tasks: Sequence[Mapping[str, Any]],
+    labels: LabelConfig,
+    auto_user: int,
+    fetch: Callable[[str], npt.NDArray[np.uint8]],
+    size: int,
+    *,
+    origin: str,
+    progress: bool = True,
+) -> History:
+    """Labelled tasks (e.g. the project's set 0, annotations included) as model inputs.
+
+    `fetch` turns a task's image value into (size, size) die codes. Unreadable pictures and
+    failure types outside the labeling config are skipped and counted.
+    """
+    codes: list[npt.NDArray[np.uint8]] = []
+    classes: list[int] = []
+    keys: list[int] = []
+    by_person: list[bool] = []
+    skipped: dict[str, int] = {}
+    for task in tqdm(tasks, desc="reading pictures", unit="wafer", disable=not progress):
+        failure_type = label_of(task, labels, auto_user)
+        if failure_type is None:
+            continue
+        if failure_type not in labels.failure_types:
+            skipped["unknown_failure_type"] = skipped.get("unknown_failure_type", 0) + 1
+            continue
+        try:
+            codes.append(fetch(str((task.get("data") or {}).get(labels.image_value, ""))))
+        except ImageError:
+            skipped["unreadable_picture"] = skipped.get("unreadable_picture", 0) + 1
+            continue
+        classes.append(labels.failure_types.index(failure_type))
+        keys.append(int(task["id"]))
+        by_person.append(
+            any(
+                annotation_source(a, auto_user) is not LabelSource.AUTO
+                for a in annotations_of(task)
+            )
+        )
+    if len(codes) < 2:
+        raise ValueError(f"{origin} holds {len(codes)} usable labelled wafers; need at least 2")
+    return History(
+        codes=np.stack(codes),
+        classes=np.asarray(classes, dtype=np.int64),
+        holdout_keys=np.asarray(keys, dtype=np.int64),
+        by_person=np.asarray(by_person, dtype=np.bool_),
+        in_project=len(keys),
+        origin=origin,
+        skipped=skipped,
+    )
+
+
+def train_first_model(
+    history: History,
+    labels: LabelConfig,
+    settings: Settings,
+    config: TrainConfig,
+    *,
+    version: str,
+    project: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[WaferClassifier, dict[str, float]]:
+    """Train a fresh network on the history, calibrate routing on its stable holdout, and return
+    the classifier (card complete, trained through set 0) with speed figures.
+
+    The backbone, input size, weights file, validation fraction, routing measure and target
+    accuracy come from `settings`; epochs, batch size and seed from `config`.
+    """
+    n_classes = len(labels.failure_types)
+    held_out = stable_holdout(history.holdout_keys, settings.validation_fraction)
+    held_out &= history.by_person
+    train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    if len(train) < 2:
+        raise ValueError(f"only {len(train)} wafers left to train on after the holdout")
+    network = build_network(settings.backbone, n_classes, config.seed, settings.weights_path)
+    report = train_network(
+        network,
+        history.codes[train],
+        history.classes[train],
+        n_classes,
+        config,
+        device,
+        progress="training" if progress else None,
+    )
+    measure = Measure(settings.route_measure)
+    card = ModelCard(
+        version=version,
+        failure_types=labels.failure_types,
+        image_size=int(history.codes.shape[1]),
+        backbone=settings.backbone,
+        logit_adjustment=tuple(logit_adjustment(history.classes[train], n_classes, config.balance)),
+        training=config.to_dict()
+        | {
+            "trained_through_set": TRAINED_THROUGH,
+            "project": project,
+            "train_wafers": len(train),
+            "validation_wafers": len(val),
+            "warm_start": False,
+            "route_measure": measure.value,
+            "skipped": dict(history.skipped),
+            "train_seconds": round(report.seconds, 2),
+            "offline": {"history": history.origin, "wafers_in_project": history.in_project},
+        },
+    )
+    model = WaferClassifier(network=network, card=card, device=device)
+    figures = {
+        "train_wafers": float(len(train)),
+        "train_seconds": report.seconds,
+        "train_wafers_per_second": len(train) * config.epochs / report.seconds,
+    }
+    metrics: dict[str, float] = {"train_wafers": float(len(train))}
+    if len(val):
+        started = time.perf_counter()
+        probs = model.predict_proba(history.codes[val], progress="validating" if progress else None)
+        figures["predict_wafers_per_second"] = len(val) / (time.perf_counter() - started)
+        correct = probs.argmax(axis=1) == history.classes[val]
+        scores = uncertainty(probs, measure)
+        cal = calibrate(scores, correct, measure, settings.target_accuracy)
+        card = dataclasses.replace(
+            card,
+            training={
+                **card.training,
+                "validation": {
+                    "measure": measure.value,
+                    "scores": [float(x) for x in scores],
+                    "correct": [bool(x) for x in correct],
+                },
+            },
+        )
+        metrics |= {
+            "validation_wafers": float(len(val)),
+            "validation_accuracy": float(correct.mean()),
+            "route_threshold": cal.rule.threshold,
+            "target_accuracy": settings.target_accuracy,
+            "predicted_accuracy": cal.predicted_accuracy,
+            "expected_engineer_ratio": cal.expected_engineer_ratio,
+        }
+    card = dataclasses.replace(card, metrics=metrics)
+    return WaferClassifier(network=network, card=card, device=device), figures

@@ -1,0 +1,340 @@
+"""The loop's bookkeeping in Redis: queue names, keys, exactly-once enqueueing, and the proof
+that a job is still alive. Layer L1 (Redis + rq).
+
+Exactly once: a retraining for (project, set) is enqueued only by whoever wins a Redis
+``SET NX`` on its key, so repeated or concurrent webhooks cannot enqueue a second one.
+Advancing is debounced the same way with a short-lived key that the job clears when it starts.
+
+Nothing here can stall the loop when a worker dies (SIGKILL, the OOM killer, a lost machine):
+
+- the retrain key names its rq job, and counts only while that job lives: queued, or started
+  and still renewing its heartbeat key (`job_heartbeat`, a few seconds' expiry renewed by a
+  thread of the job itself). A key whose job failed, stopped, finished, vanished or stopped
+  beating is stale, and the next request for that set replaces it (`release_if_stale`);
+- the project lock (`project_lock`) expires after `LOCK_TTL_S` unless its holder renews it, so
+  a killed holder blocks the next advance for seconds, not hours;
+- Redis itself holds only hints: the loop's truth is in Label Studio and MODEL_DIR, and
+  `backend.reconcile` rebuilds whatever Redis lost.
+
+Jobs are enqueued by their dotted name (``backend.jobs.advance_job``), so this module does not
+import the job code (and torch) to queue work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import LockError, RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+EVENTS_QUEUE = "wafermap-events"
+TRAINING_QUEUE = "wafermap-training"
+QUEUES = (EVENTS_QUEUE, TRAINING_QUEUE)
+#: How long a retraining may run before rq stops it.
+RETRAIN_TIMEOUT_S = 6 * 3600
+#: How long an "advance pending" mark lives if its job never starts (a dead worker).
+ADVANCE_DEBOUNCE_S = 600
+#: The rq entry points (see backend.jobs).
+ADVANCE_JOB = "backend.jobs.advance_job"
+RETRAIN_JOB = "backend.jobs.retrain_job"
+#: Expiry of a running job's heartbeat key and of the project lock; both are renewed every
+#: third of it by the job that holds them, so a dead holder is noticed within this many seconds.
+HEARTBEAT_TTL_S = 15
+LOCK_TTL_S = 15
+#: How long a claim on a retrain key lives before its job is enqueued.
+CLAIM_TTL_S = 30
+#: rq statuses of a job that waits for a worker (alive although nothing runs it yet).
+WAITING = frozenset({JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED})
+
+
+def retrain_key(project: int, set_number: int) -> str:
+    return f"wafermap:project:{project}:retrain:set:{set_number}"
+
+
+def advance_key(project: int) -> str:
+    return f"wafermap:project:{project}:advance-pending"
+
+
+def opened_key(project: int) -> str:
+    """Redis hash: set number -> the model version that pre-annotated all of it."""
+    return f"wafermap:project:{project}:opened"
+
+
+def lock_key(project: int) -> str:
+    return f"wafermap:project:{project}:lock"
+
+
+def retrain_job_id(project: int, set_number: int) -> str:
+    return f"wafermap-retrain-p{project}-set{set_number}"
+
+
+def heartbeat_key(job_id: str) -> str:
+    return f"wafermap:job:{job_id}:alive"
+
+
+# ---- is a job alive? ----------------------------------------------------------------------------
+
+
+def job_alive(redis: Redis, job_id: str) -> bool:
+    """Whether rq's job `job_id` still waits for a worker or still runs.
+
+    A job whose heartbeat key exists is alive while its process is (a process on another
+    machine counts as alive until the key expires), even when Redis lost rq's record of it (a
+    restarted Redis: the job's renewal sets the key again). Otherwise waiting (queued, deferred,
+    scheduled) counts as alive, and a started job only for `HEARTBEAT_TTL_S` after it started
+    (the time to set that key). A job that finished, failed, was stopped or canceled, or that
+    Redis no longer knows, is not.
+    """
+    beat = redis.get(heartbeat_key(job_id))
+    if beat is not None:  # the job runs (this holds even when Redis lost rq's own records)
+        return process_alive(beat.decode() if isinstance(beat, bytes) else str(beat))
+    try:
+        job = Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        return False
+    status = job.get_status(refresh=False)
+    if status in WAITING:
+        return True
+    if status != JobStatus.STARTED:
+        return False
+    started = job.started_at
+    if started is None:
+        return False
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - started).total_seconds() < HEARTBEAT_TTL_S
+
+
+def this_process() -> str:
+    """ "<host>|<pid>": who holds a heartbeat or a lock."""
+    return f"{socket.gethostname()}|{os.getpid()}"
+
+
+def process_alive(who: str) -> bool:
+    """Whether the process "<host>|<pid>[|...]" runs. Only a process on this machine can be
+    seen to be gone (no such pid, or a zombie); one elsewhere counts as alive (its keys expire)."""
+    host, _, rest = who.partition("|")
+    pid_text = rest.partition("|")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+_DELETE_IF_EQUAL = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def release_if_stale(redis: Redis, key: str) -> str | None:
+    """Delete `key` when the job it names is not alive; returns that job id, else None.
+
+    Compare-and-delete: a key that a live job took meanwhile is left alone, and so is a claim
+    still being enqueued (it has an expiry).
+    """
+    value = redis.get(key)
+    ttl: Any = redis.ttl(key)
+    if value is None or ttl > 0:
+        return None
+    job_id = value.decode() if isinstance(value, bytes) else str(value)
+    if job_alive(redis, job_id):
+        return None
+    if redis.eval(_DELETE_IF_EQUAL, 1, key, job_id):
+        log.warning("released %s: its job %s is no longer alive", key, job_id)
+        return job_id
+    return None
+
+
+def release_own(redis: Redis, key: str, job_id: str) -> None:
+    """Delete `key` if it still names `job_id` (a job giving back what it held)."""
+    redis.eval(_DELETE_IF_EQUAL, 1, key, job_id)
+
+
+class _Renewer:
+    """A daemon thread that calls `renew` every `interval` seconds until stopped."""
+
+    def __init__(self, renew: Callable[[], object], interval: float, what: str) -> None:
+        self._renew = renew
+        self._interval = interval
+        self._what = what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"renew {what}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._renew()
+            except (RedisError, LockError) as exc:
+                log.error("could not renew %s: %s", self._what, exc)
+
+    def __enter__(self) -> _Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 5)
+
+
+@contextmanager
+def job_heartbeat(redis: Redis, job_id: str | None) -> Iterator[None]:
+    """Keep `heartbeat_key(job_id)` alive while the block runs (nothing for None: not a job)."""
+    if job_id is None:
+        yield
+        return
+    key = heartbeat_key(job_id)
+    who = this_process()
+    redis.set(key, who, ex=HEARTBEAT_TTL_S)
+    try:
+        with _Renewer(lambda: redis.set(key, who, ex=HEARTBEAT_TTL_S), HEARTBEAT_TTL_S / 3, key):
+            yield
+    finally:
+        redis.delete(key)
+
+
+def lock_owner(job_id: str | None) -> str:
+    """The value a holder writes into a lock: "<host>|<pid>|<job id or empty>|<random>"."""
+    return f"{this_process()}|{job_id or ''}|{uuid.uuid4().hex}"
+
+
+def holder_alive(redis: Redis, holder: str) -> bool:
+    """Whether the lock holder `holder` (a `lock_owner` value) still runs."""
+    parts = holder.split("|")
+    if len(parts) != 4:
+        return True  # not ours to judge: its expiry decides
+    job_id = parts[2]
+    return process_alive(holder) and (not job_id or job_alive(redis, job_id))
+
+
+@contextmanager
+def project_lock(redis: Redis, project: int, job_id: str | None = None) -> Iterator[None]:
+    """One holder per project at a time (blocking until it is free).
+
+    The lock expires `LOCK_TTL_S` seconds after its holder stops renewing it (a thread renews
+    it every third of that while the block runs), and a waiter breaks it at once when its
+    holder is seen dead (`stale_lock`), so a killed holder blocks the next job for seconds.
+    """
+    # thread_local=False: the renewing thread must see the token taken here.
+    lock = redis.lock(
+        lock_key(project), timeout=LOCK_TTL_S, blocking_timeout=1.0, thread_local=False
+    )
+    token = lock_owner(job_id)
+    while not lock.acquire(blocking=True, token=token):
+        stale_lock(redis, project)
+    try:
+        with _Renewer(lock.reacquire, LOCK_TTL_S / 3, lock_key(project)):
+            yield
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            log.error("the lock of project %d had expired before its holder let go", project)
+
+
+def stale_lock(redis: Redis, project: int) -> str | None:
+    """Break the project's lock when nobody can be holding it any more; returns its holder.
+
+    Stale: a lock without expiry or with a longer one than `LOCK_TTL_S` (left by an older
+    version of this backend, which kept it for hours), or one whose holder is seen dead.
+    """
+    key = lock_key(project)
+    value = redis.get(key)
+    if value is None:
+        return None
+    holder = value.decode() if isinstance(value, bytes) else str(value)
+    ttl: Any = redis.ttl(key)
+    stale = ttl == -1 or ttl > LOCK_TTL_S or not holder_alive(redis, holder)
+    if stale and redis.eval(_DELETE_IF_EQUAL, 1, key, holder):
+        log.warning("broke the stale lock of project %d (held by %s)", project, holder)
+        return holder
+    return None
+
+
+def request_advance(redis: Redis, project: int) -> bool:
+    """Enqueue one `advance_job` for the project unless one is waiting; True when enqueued."""
+    if not redis.set(advance_key(project), "1", nx=True, ex=ADVANCE_DEBOUNCE_S):
+        return False
+    try:
+        Queue(EVENTS_QUEUE, connection=redis).enqueue(
+            ADVANCE_JOB,
+            project,
+            job_timeout=RETRAIN_TIMEOUT_S,
+            description=f"advance project {project}",
+        )
+    except BaseException:
+        redis.delete(advance_key(project))
+        raise
+    return True
+
+
+def request_retrain(redis: Redis, project: int, set_number: int) -> bool:
+    """Enqueue the ONE retraining for (project, set); False when it was already requested."""
+    key = retrain_key(project, set_number)
+    job_id = retrain_job_id(project, set_number)
+    # Claimed with an expiry while the job is being enqueued (a claimant that dies here frees
+    # the set within seconds), then kept for as long as the job lives.
+    won = redis.set(key, job_id, nx=True, ex=CLAIM_TTL_S)
+    if not won and release_if_stale(redis, key) is not None:
+        won = redis.set(key, job_id, nx=True, ex=CLAIM_TTL_S)
+    if not won or job_alive(redis, job_id):
+        if won:  # the key was lost while its job lives: give it back to that job
+            redis.set(key, job_id)
+        return False
+    try:
+        _forget_dead_job(redis, job_id)
+        Queue(TRAINING_QUEUE, connection=redis).enqueue(
+            RETRAIN_JOB,
+            project,
+            set_number,
+            job_id=job_id,
+            job_timeout=RETRAIN_TIMEOUT_S,
+            description=f"retrain project {project} through set {set_number}",
+        )
+        redis.persist(key)
+    except BaseException:
+        redis.delete(key)
+        raise
+    log.info("retraining of project %d through set %d enqueued", project, set_number)
+    return True
+
+
+def _forget_dead_job(redis: Redis, job_id: str) -> None:
+    """Delete an earlier run of `job_id` (failed, finished, abandoned) from rq's registries, so
+    the job enqueued again under the same id is the only one rq knows."""
+    try:
+        Job.fetch(job_id, connection=redis).delete(remove_from_queue=True)
+    except NoSuchJobError:
+        return
+
+
+def retrain_pending(redis: Redis, project: int, set_number: int) -> bool:
+    """Whether a LIVE retraining holds the set's key (a stale key does not count)."""
+    value = redis.get(retrain_key(project, set_number))
+    if value is None:
+        return False
+    return job_alive(redis, value.decode() if isinstance(value, bytes) else str(value))

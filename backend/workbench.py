@@ -1,0 +1,144 @@
+"""The workbench a loop job runs with: settings, Label Studio, the project's model store,
+Redis. Layer L2.
+
+Built once per job from `Settings.from_env(os.environ)`; the Redis connection is the job's own.
+The model store is the project's own (`ModelStore.for_project`): a job for project A never
+reads or writes project B's versions, CURRENT or "trained through" set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+from redis import Redis
+from rq import get_current_job
+
+from backend.classifier import pick_device
+from backend.images import model_input
+from backend.label_config import LabelConfig, parse_label_config
+from backend.labelstudio import (
+    FilterOperator,
+    LabelStudioClient,
+    TaskFilter,
+    set_filter,
+    unlabelled_filter,
+)
+from backend.loop_keys import job_heartbeat, project_lock
+from backend.model_store import ModelStore
+from backend.settings import Settings
+from backend.wafer_sets import INITIAL_SET
+
+
+@dataclass
+class Workbench:
+    """Everything a job touches, built once per job from the settings."""
+
+    settings: Settings
+    labels: LabelConfig
+    client: LabelStudioClient
+    store: ModelStore
+    redis: Redis
+    auto_user: int
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0))
+    #: The rq job this workbench serves (None outside a job, e.g. the reconcile command).
+    job_id: str | None = None
+
+    @classmethod
+    def open(
+        cls, settings: Settings, redis: Redis, project: int, job_id: str | None = None
+    ) -> Workbench:
+        """Connect to Label Studio and open the project's model store."""
+        url, key = settings.require_label_studio()
+        labels = parse_label_config(settings.label_config_path.read_text())
+        store = ModelStore.for_project(settings.model_dir, project, pick_device(settings.device))
+        client = LabelStudioClient.connect(url, key)
+        try:
+            auto_user = client.current_user_id()
+        except BaseException:
+            client.close()
+            raise
+        return cls(
+            settings=settings,
+            labels=labels,
+            client=client,
+            store=store,
+            redis=redis,
+            auto_user=auto_user,
+            job_id=job_id,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.http.close()
+
+    def fetch(self, size: int) -> Any:
+        """Task image value -> (size, size) die codes, with the Label Studio token."""
+        return partial(
+            model_input,
+            client=self.http,
+            label_studio_url=self.settings.label_studio_url,
+            api_key=self.settings.label_studio_api_key,
+            size=size,
+        )
+
+    @contextmanager
+    def project_lock(self, project: int) -> Iterator[None]:
+        """The project's lock, held by this job (see `backend.loop_keys.project_lock`)."""
+        with project_lock(self.redis, project, self.job_id):
+            yield
+
+
+def job_redis(settings: Settings) -> tuple[Redis, str | None]:
+    """The running rq job's Redis connection and id, or (outside a job) REDIS_URL and None."""
+    job = get_current_job()
+    if job is None:
+        return Redis.from_url(settings.redis_url), None
+    return job.connection, job.id
+
+
+@contextmanager
+def job_workbench(project: int) -> Iterator[Workbench]:
+    """The project's workbench in the running rq job (or, outside a job, on REDIS_URL), with the
+    job's heartbeat kept alive while it is open; closed after."""
+    settings = Settings.from_env(os.environ)
+    redis, job_id = job_redis(settings)
+    with job_heartbeat(redis, job_id):
+        bench = Workbench.open(settings, redis, project, job_id)
+        try:
+            yield bench
+        finally:
+            bench.close()
+
+
+def loop_position(client: LabelStudioClient, project: int) -> tuple[int | None, int | None]:
+    """(finished_through, open_set) from two small queries per set, whatever the project's size.
+
+    Sets are numbered 0 (the initial set), 1, 2, ... without gaps; the first number without
+    any task ends the walk.
+    """
+    finished_through: int | None = None
+    number = INITIAL_SET
+    while client.first_task(project, [set_filter(number)]) is not None:
+        if client.first_task(project, [set_filter(number), unlabelled_filter()]) is not None:
+            return finished_through, number
+        finished_through = number
+        number += 1
+    return finished_through, None
+
+
+def untried_wafers(client: LabelStudioClient, project: int, set_number: int, version: str) -> int:
+    """How many wafers of the set the model `version` has not tried yet, from Label Studio itself
+    (two counting queries, whatever the set's size).
+
+    Pre-annotation writes `data.model_version` into every task it tried, predicted or
+    unreadable; a wafer without it (added later, or whose TASKS_CREATED webhook was lost) waits.
+    """
+    tried = TaskFilter("data.model_version", FilterOperator.EQUAL, "String", version)
+    in_set = set_filter(set_number)
+    return client.count_tasks(project, [in_set]) - client.count_tasks(project, [in_set, tried])

@@ -1,0 +1,152 @@
+"""`python -m backend import-wafers` and `python -m backend train` against a real Label Studio:
+a labelled history as set 0, a first model trained offline on it and served for the project."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from redis import Redis
+
+from backend.cli import main
+from backend.first_model import set0_task_ids
+from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
+from backend.labelstudio import LabelStudioClient, set_filter
+from backend.loop_state import trained_through
+from backend.model_store import ModelStore
+from backend.service import WaferLabelingService
+from backend.settings import Settings
+from backend.sources import LoadReport, save_npz
+from backend.splits import stable_holdout, stratified_sample
+from backend.stack import LabelStudioServer
+from backend.wafers import WaferMaps
+
+pytestmark = pytest.mark.slow
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def history_file(
+    real_wafers: tuple[WaferMaps, LoadReport], tmp_path: Path, label_config: LabelConfig
+) -> Path:
+    """About 300 labelled WM-811K wafers (every failure type) as a fab's .npz."""
+    wafers = real_wafers[0]
+    labelled = np.flatnonzero(wafers.labels >= 0)
+    rng = np.random.default_rng(5)
+    picked = labelled[stratified_sample(wafers.labels[labelled], 0.0018, rng)]
+    path = tmp_path / "history.npz"
+    save_npz(wafers.subset(np.sort(picked)), path)
+    return path
+
+
+@pytest.fixture
+def cli_env(
+    label_studio: LabelStudioServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The environment the commands read; returns MODEL_DIR."""
+    model_dir = tmp_path / "models"
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.api_key)
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("WAFER_DEVICE", "cpu")
+    return model_dir
+
+
+def test_train_publishes_a_served_version_trained_through_set_0(
+    ls: LabelStudioClient,
+    history_file: Path,
+    cli_env: Path,
+    redis: Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    project = ls.create_project("first model", DEFAULT_LABEL_CONFIG.read_text())
+    # Half of the history goes into Label Studio as set 0 (the rest stays history only).
+    cache = ["--cache-dir", str(history_file.parent / "cache")]
+    initial = ["import-wafers", "--project", str(project), "--data", str(history_file)]
+    initial += ["--initial", "--subsample", "0.5", *cache]
+    assert main(initial) == 0
+    set0 = ls.tasks(project, [set_filter(0)])
+    assert len(set0) > 100
+    assert all(t["annotations"] and t["data"]["source"] == "history" for t in set0)
+    # Again: nothing new, nothing twice.
+    assert main(initial) == 0
+    assert "imported 0 wafers" in capsys.readouterr().out
+    assert len(ls.tasks(project, [set_filter(0)])) == len(set0)
+
+    flags = ["--backbone", "resnet18", "--image-size", "16", "--epochs", "1"]
+    flags += ["--batch-size", "32", "--model-dir", str(cli_env), *cache]
+    code = main(["train", "--project", str(project), "--data", str(history_file), *flags])
+    assert code == 0
+    out = capsys.readouterr().out
+    store = ModelStore.for_project(cli_env, project, CPU)
+    version = store.current_version()
+    assert version is not None and version in out
+    model = store.load_current()
+    assert model is not None
+    card = model.card
+    assert trained_through(card) == 0
+    assert card.backbone == "resnet18" and card.image_size == 16
+    probs = model.predict_proba(np.zeros((2, 16, 16), np.uint8))
+    assert probs.shape == (2, len(card.failure_types))
+    # The holdout is the worker's: set-0 wafers by task id (the rest by wafer id).
+    task_of = set0_task_ids(ls, project, "history")
+    assert len(task_of) == len(set0)
+    with np.load(history_file) as saved:
+        wafer_ids = saved["source_row"]
+    keys = np.array([task_of.get(int(w), int(w)) for w in wafer_ids])
+    fraction = Settings.from_env(os.environ).validation_fraction
+    held_out = int(stable_holdout(keys, fraction).sum())
+    assert card.metrics["validation_wafers"] == held_out > 0
+    assert card.training["train_wafers"] + held_out == len(wafer_ids)
+    assert len(card.training["validation"]["scores"]) == held_out
+    assert "route_threshold" in card.metrics
+
+    # What Label Studio's /setup would be told for this project.
+    settings = dataclasses.replace(Settings.from_env(os.environ), model_dir=cli_env)
+    service = WaferLabelingService(settings, redis)
+    assert service.setup(f"{project}.1700000000", DEFAULT_LABEL_CONFIG.read_text(), {}) == version
+
+    # From the project's set 0 instead of a file: a newer version, all of set 0 and nothing else.
+    code = main(["train", "--project", str(project), "--from-project", *flags])
+    assert code == 0
+    newer = store.current_version()
+    assert newer is not None and newer != version
+    card = store.card(newer)
+    assert trained_through(card) == 0
+    total = card.training["train_wafers"] + card.training["validation_wafers"]
+    assert total == len(set0)
+    held = stable_holdout(np.array([t["id"] for t in set0]), fraction)
+    assert card.training["validation_wafers"] == int(held.sum())
+
+
+def test_import_wafers_says_what_is_wrong_with_the_input(
+    ls: LabelStudioClient,
+    cli_env: Path,
+    tmp_path: Path,
+    label_config: LabelConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    project = ls.create_project("bad input", DEFAULT_LABEL_CONFIG.read_text())
+    missing = tmp_path / "nowhere.npz"
+    args = ["import-wafers", "--project", str(project), "--per-set", "5"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--data", str(missing)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    maps = np.ones((3, 4, 4), np.uint8)
+    unknown = tmp_path / "unknown.npz"
+    np.savez(unknown, maps=maps, labels=np.array(["", "Crack", "Donut"]))
+    assert main([*args, "--data", str(unknown)]) == 2
+    err = capsys.readouterr().err
+    assert "'Crack'" in err and "labeling config" in err
+
+    fine = tmp_path / "fine.npz"
+    np.savez(fine, maps=maps, labels=np.array(["", "", ""]))
+    assert main([*args, "--data", str(fine)]) == 2
+    assert "import the labelled history as set 0 first" in capsys.readouterr().err
+    assert ls.tasks(project) == []

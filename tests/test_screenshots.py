@@ -1,0 +1,125 @@
+"""The engineer's screens in a real browser: a headless Chromium logs in to a real Label Studio
+1.23.2 and screenshots the engineer queue tab and the labeling screen at 1600x1000."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.browser import CHROMIUM_NAMES, INSTALL_HINT, Box
+from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
+from backend.labelstudio import LabelStudioClient
+from backend.ops import ENGINEER_VIEW, make_views
+from backend.screenshots import take_screenshots
+from backend.sources import LoadReport
+from backend.stack import LabelStudioServer
+from backend.uncertainty import Measure, entropy, least_confidence, margin
+from backend.wafer_sets import choice_result, wafer_task
+from backend.wafers import WaferMaps
+
+MODEL_VERSION = "v001-set0"
+#: Wafers of the test project: (failure type shown, the model's guess, its top probability).
+WAFERS = (
+    ("Center", "Center", 0.55),
+    ("Edge-Ring", "Edge-Ring", 0.62),
+    ("Scratch", "Loc", 0.41),
+    ("Donut", "Donut", 0.70),
+    ("Edge-Loc", "Edge-Loc", 0.48),
+    ("Random", "Near-full", 0.52),
+)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; fails unless the file is a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", head[16:24])
+    return int(width), int(height)
+
+
+def probabilities(config: LabelConfig, guess: str, top: float) -> np.ndarray:
+    """A probability vector with `top` on `guess` and the rest spread unevenly."""
+    rest = np.linspace(2.0, 0.5, len(config.failure_types) - 1)
+    probs = np.insert(rest / rest.sum() * (1.0 - top), config.index_of(guess), top)
+    return probs
+
+
+def wafer_tasks(wafers: WaferMaps, config: LabelConfig) -> list[dict[str, Any]]:
+    """Engineer-routed wafers with what the pre-annotation writes: task data and a prediction."""
+    tasks = []
+    for failure_type, guess, top in WAFERS:
+        i = int(np.flatnonzero(wafers.label_names() == failure_type)[0])
+        task = wafer_task(wafers, i, 1, config, with_label=False)
+        probs = probabilities(config, guess, top)[None, :]
+        task["data"] |= {
+            "predicted": guess,
+            "score": round(float(probs.max()), 6),
+            "least_confidence": round(float(least_confidence(probs)[0]), 6),
+            "margin": round(float(margin(probs)[0]), 6),
+            "entropy": round(float(entropy(probs)[0]), 6),
+            "route": "engineer",
+            "model_version": MODEL_VERSION,
+        }
+        task["predictions"] = [
+            {
+                "model_version": MODEL_VERSION,
+                "score": round(float(probs.max()), 6),
+                "result": choice_result(config, guess),
+            }
+        ]
+        tasks.append(task)
+    return tasks
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_engineer_sees_wafer_guess_and_choices_without_scrolling(
+    label_studio: LabelStudioServer,
+    ls: LabelStudioClient,
+    real_wafers: tuple[WaferMaps, LoadReport],
+    label_config: LabelConfig,
+    tmp_path: Path,
+) -> None:
+    if not any(shutil.which(name) for name in CHROMIUM_NAMES):
+        pytest.skip(f"no Chromium for the screenshots: {INSTALL_HINT}")
+    wafers, _ = real_wafers
+    title = f"screens {uuid.uuid4().hex[:8]}"
+    project = ls.create_project(title, DEFAULT_LABEL_CONFIG.read_text())
+    tasks = wafer_tasks(wafers, label_config)
+    ls.import_tasks(project, tasks)
+    ls.set_model_version(project, MODEL_VERSION)
+    make_views(ls, project, Measure.MARGIN)
+
+    shots = take_screenshots(
+        label_studio.url,
+        label_studio.admin.email,
+        label_studio.admin.password,
+        title,
+        tmp_path / "shots",
+    )
+
+    assert png_size(shots.queue) == (1600, 1000)
+    assert png_size(shots.labeling) == (1600, 1000)
+    # The tab lists every wafer, with only the engineer's columns: picture first, then the
+    # guess, the routing measure, the score, set and lot (Label Studio orders data columns:
+    # the labeling config's `image` first, the rest as its database keeps them).
+    assert shots.rows == len(WAFERS)
+    assert shots.columns[0] == "image"
+    assert sorted(shots.columns) == sorted(["image", "predicted", "margin", "score", "set", "lot"])
+    # The labeling screen: the most uncertain wafer (smallest margin), its picture and all
+    # nine failure types inside the 1600x1000 window, the model's guess in words.
+    assert isinstance(shots.choices, Box) and shots.fits(shots.choices), shots.choices
+    assert isinstance(shots.picture, Box) and shots.fits(shots.picture), shots.picture
+    assert shots.picture.height >= 300
+    first = min(tasks, key=lambda t: t["data"]["margin"])["data"]
+    assert f"Model's guess: {first['predicted']}" in shots.labeling_text
+    assert f"margin {first['margin']}" in shots.labeling_text
+    for failure_type in label_config.failure_types:
+        assert failure_type in shots.labeling_text
+    assert ENGINEER_VIEW  # the tab the screenshots open
