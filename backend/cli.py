@@ -15,6 +15,7 @@ Label Studio (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, see README.md):
   retrain        ask the worker to retrain now (as Start Training in Label Studio does)
   reconcile      repair the loop after a crash or a lost webhook, and say what was repaired
   demo           the whole system on this machine; --simulate-engineers runs the loop
+  load-test      bounded load on a backend started on loopback: latency, wafers/s, RSS
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         "SQLite), sqlite, postgresql, or a postgresql://user:password@host:port/db admin URL",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (wiped)")
+
+    load = sub.add_parser("load-test", help="bounded /predict load on a backend on loopback")
+    load.add_argument("--clients", type=int, default=20, help="client threads (20)")
+    load.add_argument("--batch", type=int, default=100, help="tasks per /predict (100)")
+    load.add_argument("--seconds", type=float, default=60.0, help="how long to send (60)")
+    load.add_argument("--max-requests", type=int, default=100_000, help="stop after (100000)")
+    load.add_argument("--image-size", type=int, default=64, help="model input S x S (64)")
+    load.set_defaults(data=None)
     return parser
 
 
@@ -301,6 +310,13 @@ def _run(args: argparse.Namespace) -> int:
             database=args.database,
         )
         return main_demo(config, settings, labels, wafers)
+    if args.command == "load-test":
+        from backend.load_test import LoadPlan, run_load_test
+
+        plan = LoadPlan(args.clients, args.batch, args.seconds, args.max_requests, args.image_size)
+        for line in run_load_test(plan, labels).lines(plan):
+            print(line)
+        return 0
     if args.command == "convert":
         _load(settings, labels)
         return 0

@@ -1,4 +1,5 @@
-"""The Label Studio commands of the CLI: setup-project, import-sets, status, retrain. Layer L3."""
+"""The Label Studio commands of the CLI: setup-project, import-sets, import-wafers, train, status,
+retrain. Layer L3."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import dataclasses
 import functools
 import sys
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 from redis import Redis
@@ -19,7 +19,8 @@ from backend.first_model import (
     set0_task_ids,
     train_first_model,
 )
-from backend.images import model_input
+from backend.image_client import image_client
+from backend.images import ImageRules, model_input
 from backend.jobs import request_advance
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
@@ -85,7 +86,7 @@ def run_label_studio_command(
             print(f"{outcome.summary()} into project {project}")
             return 0
         if args.command == "status":
-            store = ModelStore(settings.model_dir, pick_device("cpu"))
+            store = ModelStore.for_project(settings.model_dir, project, pick_device("cpu"))
             states, versions = project_status(client, store, project)
             print(status_table(states, versions))
             return 0
@@ -115,8 +116,12 @@ def import_wafer_file(
 ) -> ImportOutcome:
     """`import-wafers`: read the file, cut the sets, import them (see `import_wafers`)."""
     source = source_name(settings.data_path, args.source)
+    labelled_only = args.initial or args.rows == "labelled"
     wafers, report = load_wafers(
-        settings.data_path, labels.failure_types, settings.cache_dir, keep_unlabelled=True
+        settings.data_path,
+        labels.failure_types,
+        settings.cache_dir,
+        keep_unlabelled=not labelled_only,
     )
     _say(report.summary())
     if report.unknown_labels:
@@ -151,9 +156,14 @@ def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
         size = settings.image_size
         if args.from_project:
             tasks = client.tasks_of_set(project, INITIAL_SET)
-            with httpx.Client(timeout=30.0) as http:
+            with image_client(url, settings.image_hosts) as http:
                 fetch = functools.partial(
-                    model_input, client=http, label_studio_url=url, api_key=key, size=size
+                    model_input,
+                    client=http,
+                    label_studio_url=url,
+                    api_key=key,
+                    size=size,
+                    rules=ImageRules.from_settings(settings),
                 )
                 history = history_from_tasks(
                     tasks,

@@ -83,7 +83,9 @@ def handle_event(
             return {"status": "ignored", "action": action, "reason": "the backend's own labels"}
     try:
         if action == "TASKS_CREATED":
-            # New wafers may belong to a set already pre-annotated: have it looked at again.
+            # New wafers may belong to a set already pre-annotated. The advance job asks Label
+            # Studio which wafers lack a prediction anyway (the mark is a hint for its report):
+            # drop the mark so a delivered TASKS_CREATED is not reported as a lost one.
             redis.delete(opened_key(project))
         queued = request_advance(redis, project)
     except RedisError as exc:

@@ -348,7 +348,9 @@ def _download(url: httpx.URL, client: httpx.Client, source: _Source) -> bytes:
                         raise too_big
                     chunks: list[bytes] = []
                     size = 0
-                    for chunk in response.iter_raw():
+                    # An answer already in memory (httpx.MockTransport) is not streamed again.
+                    raw = [response.content] if response.is_stream_consumed else response.iter_raw()
+                    for chunk in raw:
                         size += len(chunk)
                         if size > rules.max_bytes:
                             raise too_big

@@ -411,6 +411,7 @@ class LabelStudioClient:
         *,
         conjunction: str = "and",
         hidden_columns: Sequence[str] = (),
+        column_types: Mapping[str, str] | None = None,
     ) -> int:
         """A Data Manager tab named `title`; returns its id. Idempotent by title.
 
@@ -418,8 +419,11 @@ class LabelStudioClient:
         Label Studio sorts by the first one only. `hidden_columns` (e.g. `data.route`, `id`)
         are hidden in the table and in the labeling stream's task list; every other column is
         shown, Label Studio's own ones (LABEL_STUDIO_TASK_COLUMNS) included, in Label Studio's
-        order (a tab cannot reorder columns). Label Studio applies the filters and ordering on
-        the server, so `tasks(view=...)` and the UI show the same tasks in the same order.
+        order (a tab cannot reorder columns). `column_types` shows task-data columns as another
+        Data Manager type (e.g. `{"data.margin": "Number"}`: numeric filters; Label Studio
+        calls every task-data field it does not know from the labeling config a string).
+        Label Studio applies the filters and ordering on the server, so `tasks(view=...)` and
+        the UI show the same tasks in the same order.
         """
         if conjunction not in ("and", "or"):
             raise ValueError(f"conjunction must be 'and' or 'or', got {conjunction!r}")
@@ -430,6 +434,10 @@ class LabelStudioClient:
             "ordering": [_ordering_column(c) for c in ordering],
             "hiddenColumns": {"explore": hidden, "labeling": hidden},
         }
+        if column_types:
+            data["columnsDisplayType"] = {
+                f"tasks:{_bare_column(c)}": kind for c, kind in column_types.items()
+            }
         with self._call(f"saving view {title!r} of project {project}"):
             same = [
                 v for v in self._sdk.views.list(project=project) if _view_title(v.data) == title
@@ -441,14 +449,6 @@ class LabelStudioClient:
         if view.id is None:
             raise LabelStudioError(f"Label Studio saved view {title!r} without an id")
         return view.id
-
-    def views(self, project: int) -> dict[str, int]:
-        """The project's Data Manager tabs: title -> view id."""
-        with self._call(f"listing the views of project {project}"):
-            found = self._sdk.views.list(project=project)
-        return {
-            title: v.id for v in found if (title := _view_title(v.data)) and v.id is not None
-        }
 
     def view(self, view: int) -> dict[str, Any]:
         """A view's `data` as Label Studio returns it: title, filters, ordering, hiddenColumns."""
@@ -526,7 +526,8 @@ class LabelStudioClient:
     def count_tasks(self, project: int, filters: Sequence[TaskFilter]) -> int:
         """How many tasks match all `filters`: one request for one task, whatever the count.
 
-        Measured on Label Studio 1.23.2 (SQLite, 2 cores): see `task_data`.
+        Measured on Label Studio 1.23.2 on PostgreSQL (2 busy cores, 900 tasks): 0.59 s for a
+        count on `data.source` and a `data.wafer_id` range.
         """
         query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
         with self._call(f"counting tasks of project {project}"):
@@ -541,8 +542,8 @@ class LabelStudioClient:
         """(task id, the task data's `keys`) of every task matching all `filters`, by task id.
 
         Label Studio sends each task's whole data (the picture too), without annotations or
-        predictions; only `keys` are kept here. Measured on Label Studio 1.23.2 (SQLite,
-        2 cores): see the figures in `backend.wafer_sets.existing_wafers`.
+        predictions; only `keys` are kept here. Measured on Label Studio 1.23.2 on PostgreSQL
+        (2 busy cores, 3.3 KB picture data URLs): 500 tasks in 13.9 s (36 tasks/s).
         """
         query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
         found: list[tuple[int, dict[str, Any]]] = []
@@ -661,6 +662,28 @@ class LabelStudioClient:
                     "additional_body_parameters": {
                         "model_version": model_version,
                         "filters": filters,
+                    }
+                },
+            )
+
+    def accept_predictions_where(
+        self, project: int, filters: Sequence[TaskFilter], model_version: str
+    ) -> None:
+        """`accept_predictions` for every task matching all `filters` and having no annotation,
+        as Label Studio evaluates them inside the action's own query: no listing beforehand,
+        so the call costs the same few requests whatever the set's size. Measured on Label
+        Studio 1.23.2 (PostgreSQL, 2 busy cores): see `backend.preannotation.accept_confident`.
+        """
+        query = _filters_query([*filters, unlabelled_filter()])
+        with self._call(f"accepting predictions of {model_version} in project {project}"):
+            self._sdk.actions.create(
+                id="predictions_to_annotations",
+                project=project,
+                request_options={
+                    "additional_body_parameters": {
+                        "model_version": model_version,
+                        "filters": query,
+                        "selectedItems": {"all": True, "excluded": []},
                     }
                 },
             )

@@ -100,8 +100,8 @@ def job_alive(redis: Redis, job_id: str) -> bool:
     Redis no longer knows, is not.
     """
     beat = redis.get(heartbeat_key(job_id))
-    if beat is not None:  # the job runs (this holds even when Redis lost rq's own records)
-        return process_alive(beat.decode() if isinstance(beat, bytes) else str(beat))
+    if beat is not None and process_alive(beat.decode() if isinstance(beat, bytes) else str(beat)):
+        return True  # it runs (this holds even when Redis lost rq's own records of it)
     try:
         job = Job.fetch(job_id, connection=redis)
     except NoSuchJobError:
@@ -109,7 +109,7 @@ def job_alive(redis: Redis, job_id: str) -> bool:
     status = job.get_status(refresh=False)
     if status in WAITING:
         return True
-    if status != JobStatus.STARTED:
+    if status != JobStatus.STARTED or beat is not None:
         return False
     started = job.started_at
     if started is None:
@@ -326,6 +326,7 @@ def request_retrain(redis: Redis, project: int, set_number: int) -> bool:
 def _forget_dead_job(redis: Redis, job_id: str) -> None:
     """Delete an earlier run of `job_id` (failed, finished, abandoned) from rq's registries, so
     the job enqueued again under the same id is the only one rq knows."""
+    redis.delete(heartbeat_key(job_id))
     try:
         Job.fetch(job_id, connection=redis).delete(remove_from_queue=True)
     except NoSuchJobError:

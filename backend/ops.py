@@ -61,6 +61,20 @@ WAFER_DATA_COLUMNS = (
 )
 
 
+#: Task-data columns shown as numbers (numeric filters), not as Label Studio's default strings.
+NUMBER_COLUMNS = {
+    c: "Number"
+    for c in (
+        "data.score",
+        "data.least_confidence",
+        "data.margin",
+        "data.entropy",
+        "data.set",
+        "data.wafer_id",
+    )
+}
+
+
 def tab_columns(shown: Sequence[str]) -> tuple[str, ...]:
     """The columns a tab hides so that only `shown` remain: Label Studio's own task columns
     and the wafer data columns not in `shown`.
@@ -162,6 +176,7 @@ def make_views(client: LabelStudioClient, project: int, measure: Measure) -> dic
             [unlabelled_filter(), _route_is("engineer")],
             [UNCERTAIN_FIRST[measure]],
             hidden_columns=tab_columns(shown),
+            column_types=NUMBER_COLUMNS,
         ),
         AUTO_VIEW: client.create_view(
             project,
@@ -169,12 +184,14 @@ def make_views(client: LabelStudioClient, project: int, measure: Measure) -> dic
             [_route_is("auto")],
             [UNCERTAIN_FIRST[measure]],
             hidden_columns=tab_columns(auto_shown),
+            column_types=NUMBER_COLUMNS,
         ),
         UNREADABLE_VIEW: client.create_view(
             project,
             UNREADABLE_VIEW,
             [_route_is("error")],
             hidden_columns=tab_columns(unreadable_shown),
+            column_types=NUMBER_COLUMNS,
         ),
     }
 

@@ -31,10 +31,8 @@ PAGE_TIMEOUT = 90.0
 
 # JavaScript run in the page. Label Studio 1.23.2's Data Manager and editor class names.
 _HEADERS_JS = """
-(() => {
-  const cells = [...document.querySelectorAll('.dm-table__head .dm-table__cell, [class*="table__head"] [class*="table__cell"]')];
-  return cells.map(c => c.innerText.trim()).filter(t => t.length > 0);
-})()
+[...document.querySelectorAll('.lsf-table-head [data-id], .dm-table-head [data-id]')]
+  .map(c => c.getAttribute('data-id'))
 """
 _ROWS_JS = (
     "document.querySelectorAll('.dm-table__row-wrapper, [class*=\"table__row-wrapper\"]').length"
@@ -52,6 +50,15 @@ _EDITOR_READY_JS = """
   return !!choices && choices.querySelectorAll('input').length > 0 && !!img && img.complete && img.naturalWidth > 0;
 })()
 """
+#: The picture is drawn on Label Studio's canvas some time after its <img> has loaded.
+_PICTURE_DRAWN_JS = """
+[...document.querySelectorAll('.lsf-object canvas')].some(c => {
+  if (!c.width || !c.height) return false;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  for (let i = 3; i < d.length; i += 4 * 97) if (d[i] > 0) return true;
+  return false;
+})
+"""
 _TEXT_JS = "document.querySelector('.lsf-main-view, .lsf-main-content')?.innerText ?? ''"
 
 
@@ -63,7 +70,8 @@ class Screens:
     labeling: Path
     width: int
     height: int
-    #: The engineer queue's column headers, left to right.
+    #: The engineer queue's columns, left to right, as Label Studio names them
+    #: (`tasks:data.image`, `tasks:id`, ...).
     columns: list[str]
     #: How many wafers the first page of the queue lists.
     rows: int
@@ -108,6 +116,7 @@ def take_screenshots(
 
         page.goto(f"{url}/projects/{project_id}/data?tab={view}&labeling=1")
         page.wait_for(_EDITOR_READY_JS, "the labeling screen (picture and failure types)")
+        page.wait_for(_PICTURE_DRAWN_JS, "the wafer picture drawn on the labeling screen")
         labeling = page.screenshot(out / LABELING_PNG)
         return Screens(
             queue=queue,
@@ -117,7 +126,7 @@ def take_screenshots(
             columns=list(columns),
             rows=rows,
             choices=page.box(".lsf-choices"),
-            picture=page.box(".lsf-main-view img, .lsf-main-content img"),
+            picture=page.box(".lsf-object .konvajs-content"),
             labeling_text=str(page.evaluate(_TEXT_JS)),
         )
 
@@ -132,7 +141,7 @@ def _log_in(page: HeadlessChromium, url: str, email: str, password: str) -> None
     )
     where = page.wait_for(
         "document.readyState === 'complete' && (!location.pathname.startsWith('/user/login')"
-        " || document.querySelector('.field_errors, .error, [class*=error]')) && location.pathname",
+        " || document.querySelector('#login-form .error')) && location.pathname",
         "the page after logging in",
     )
     if str(where).startswith("/user/login"):

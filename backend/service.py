@@ -47,6 +47,9 @@ MAX_OPEN_STORES = 16
 MAX_PROJECT_ID = 2**63 - 1
 #: Failed tasks quoted in the one log line a /predict writes about its failures.
 QUOTED_ERRORS = 3
+#: How long /health waits for a fresh look at the model stores before it answers with the last
+#: one (Label Studio gives /health 1 s; loading a newly published model can take longer).
+HEALTH_WAIT_S = 0.7
 
 
 def project_id(value: str | int | None) -> int:
@@ -85,6 +88,9 @@ class WaferLabelingService:
         self._stores_lock = threading.Lock()
         self._http = httpx.Client(timeout=30.0)
         self._auto_user: int | None = None
+        self._health_lock = threading.Lock()
+        self._health_check: threading.Thread | None = None
+        self._health_facts: dict[str, Any] = {"projects": {}, "problems": []}
 
     def store(self, project: int) -> ModelStore:
         """The model store of one project (kept open: it caches the served model)."""
@@ -111,15 +117,30 @@ class WaferLabelingService:
 
     def health(self) -> dict[str, Any]:
         """Each project's served version and every store problem (a CURRENT that cannot be
-        served, old single-project models). Reads no network; the model of a project is loaded
-        once per publish."""
+        served, old single-project models). Reads no network, and answers within
+        HEALTH_WAIT_S: the look at the stores (which loads a newly published model) runs in a
+        thread of its own, and when it takes longer the previous look is reported."""
+        with self._health_lock:
+            check = self._health_check
+            if check is None or not check.is_alive():
+                check = threading.Thread(target=self._look_at_stores, daemon=True)
+                check.start()
+                self._health_check = check
+        check.join(HEALTH_WAIT_S)
+        return dict(self._health_facts)
+
+    def _look_at_stores(self) -> None:
         projects: dict[str, str] = {}
         problems: list[str] = []
-        for project in self._known_projects():
-            store = self.store(project)
-            projects[str(project)] = store.current_version() or NO_MODEL
-            problems.extend(f"project {project}: {p}" for p in store.problems())
-        return {"projects": projects, "problems": sorted(set(problems))}
+        try:
+            for project in self._known_projects():
+                store = self.store(project)
+                projects[str(project)] = store.current_version() or NO_MODEL
+                problems.extend(f"project {project}: {p}" for p in store.problems())
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.error("cannot look at the model stores: %s: %s", type(exc).__name__, exc)
+            problems.append(f"the model stores cannot be read ({type(exc).__name__})")
+        self._health_facts = {"projects": projects, "problems": sorted(set(problems))}
 
     def setup(self, project: str, schema: str, extra: Mapping[str, Any]) -> str:
         """Check the project's labeling config against this backend's; return the version."""

@@ -312,7 +312,7 @@ def running_label_studio(
     *,
     port: int | None = None,
     admin: Credentials | None = None,
-    timeout: float = 240.0,
+    timeout: float = 420.0,
     database: str = "auto",
     postgres_admin_url: str | None = None,
     drop_database_on_exit: bool = False,

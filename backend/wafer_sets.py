@@ -274,7 +274,8 @@ def existing_wafers(
     One count of the tasks of `source` within the ids' range (a single small request); only
     when that finds some are their data listed (the range's tasks, pictures included) and
     matched exactly. So checking a chunk of new wafers costs one request; a chunk imported
-    before costs a listing of about its own size.
+    before costs a listing of about its own size. Measured on Label Studio 1.23.2 on
+    PostgreSQL (2 busy cores): 0.59 s for a new chunk, 13.9 s for 500 wafers already there.
     """
     if not wafer_ids:
         return {}
@@ -345,6 +346,9 @@ def import_wafers(
     interrupted import is finished by calling again with the same arguments: a set it had begun
     is continued when it is still the highest set. `after_chunk(set_number, wafers)` is called
     after each imported chunk. Each chunk fires one TASKS_CREATED webhook.
+
+    Speed (Label Studio 1.23.2 on PostgreSQL, 2 busy cores): 19-24 wafers/s, mostly drawing and
+    PNG-encoding the pictures; a re-import that skips everything checks 29 wafers/s.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import httpx
 from redis import Redis
 from rq import get_current_job
 
 from backend.classifier import pick_device
-from backend.images import model_input
+from backend.image_client import shared_image_client
+from backend.images import ImageRules, model_input
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import (
     FilterOperator,
@@ -45,7 +45,6 @@ class Workbench:
     store: ModelStore
     redis: Redis
     auto_user: int
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0))
     #: The rq job this workbench serves (None outside a job, e.g. the reconcile command).
     job_id: str | None = None
 
@@ -75,16 +74,18 @@ class Workbench:
 
     def close(self) -> None:
         self.client.close()
-        self.http.close()
 
     def fetch(self, size: int) -> Any:
-        """Task image value -> (size, size) die codes, with the Label Studio token."""
+        """Task image value -> (size, size) die codes, with the Label Studio token; pictures
+        come only from Label Studio and WAFER_IMAGE_HOSTS, bounded by the WAFER_IMAGE_* limits
+        (the process's shared guarded client, as the backend's /predict)."""
         return partial(
             model_input,
-            client=self.http,
+            client=shared_image_client(self.settings.label_studio_url, self.settings.image_hosts),
             label_studio_url=self.settings.label_studio_url,
             api_key=self.settings.label_studio_api_key,
             size=size,
+            rules=ImageRules.from_settings(self.settings),
         )
 
     @contextmanager

@@ -78,7 +78,11 @@ tasks = st.fixed_dictionaries(
         "project": projects,
     },
 )
+GOOD_PROJECTS = st.sampled_from(["2.1700000000", "2", 2, "5.1700000000"])
 predict_bodies = st.fixed_dictionaries(
+    {"tasks": st.lists(tasks, max_size=4), "project": GOOD_PROJECTS},
+    optional={"params": st.fixed_dictionaries({}, optional={"context": json_values})},
+) | st.fixed_dictionaries(
     {},
     optional={
         "tasks": st.lists(tasks, max_size=4) | json_values,
@@ -88,6 +92,9 @@ predict_bodies = st.fixed_dictionaries(
     },
 )
 setup_bodies = st.fixed_dictionaries(
+    {"project": GOOD_PROJECTS, "schema": st.just(DEFAULT_LABEL_CONFIG.read_text())},
+    optional={"extra_params": json_values | st.text(max_size=20), "hostname": json_values},
+) | st.fixed_dictionaries(
     {},
     optional={
         "project": projects,
@@ -101,6 +108,12 @@ setup_bodies = st.fixed_dictionaries(
 ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "START_TRAINING",
            "TASKS_CREATED", "PROJECT_UPDATED"]  # fmt: skip
 webhook_bodies = st.fixed_dictionaries(
+    {
+        "action": st.sampled_from(ACTIONS),
+        "project": st.fixed_dictionaries({"id": st.integers(1, 10**6)}) | GOOD_PROJECTS,
+    },
+    optional={"annotation": json_values, "annotations": json_values, "task": json_values},
+) | st.fixed_dictionaries(
     {},
     optional={
         "action": st.sampled_from(ACTIONS) | json_values,
@@ -136,7 +149,7 @@ def report() -> Iterator[None]:
     for route in sorted({route for route, _ in COUNTS}):
         print(
             f"fuzz {route}: {COUNTS[route, 'inputs']} inputs, {COUNTS[route, '4xx']} 4xx, "
-            f"{COUNTS[route, '5xx']} 5xx"
+            f"{COUNTS[route, '5xx']} 5xx (of them 503: {COUNTS[route, '503']})"
         )
 
 
@@ -157,6 +170,8 @@ def send(
     status = response.status_code
     COUNTS[label or path, "inputs"] += 1
     COUNTS[label or path, f"{status // 100}xx"] += 1
+    if status >= 500:
+        COUNTS[label or path, "503"] += status == 503
     assert status < 500 or status in allowed_5xx, (path, status, response.get_data()[:300])
     assert response.is_json
     return status

@@ -599,7 +599,7 @@ def test_a_compressed_answer_is_never_inflated() -> None:
     bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
     body = b"".join(bomb.compress(b"\0" * 2**20) for _ in range(100)) + bomb.flush()
     client, seen = fake_client(
-        lambda r: httpx.Response(200, content=body, headers={"Content-Encoding": "gzip"})
+        lambda r: httpx.Response(200, content=iter([body]), headers={"Content-Encoding": "gzip"})
     )
     with pytest.raises(ImageError, match="not a picture"):
         model_input(

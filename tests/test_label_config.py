@@ -1,3 +1,5 @@
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
@@ -46,3 +48,35 @@ def test_unknown_failure_type_names_the_known_ones() -> None:
 def test_broken_configs_give_clear_errors(xml: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_label_config(xml)
+
+
+def test_labeling_screen_puts_picture_and_failure_types_side_by_side() -> None:
+    """The engineer's screen: picture left, guess and choices right, one key per choice."""
+    root = ET.fromstring(DEFAULT_LABEL_CONFIG.read_text())
+    row = root.find("View[@className='wafer-screen']")
+    assert row is not None, "the picture and the choices share one flex row"
+    picture, decision = row.findall("View")
+    assert picture.find("Image[@name='wafer_map']") is not None
+    image = picture.find("Image")
+    assert image is not None and image.get("maxWidth") == "600px"
+    choices = decision.find("Choices[@name='failure_type']")
+    assert choices is not None and choices.get("layout") == "vertical"
+    hotkeys = [c.get("hotkey") for c in choices.iter("Choice")]
+    assert hotkeys == [str(n) for n in range(1, 10)], "keys 1-9 choose a failure type"
+    style = root.find("Style")
+    assert style is not None and ".wafer-screen" in (style.text or "")
+    assert "display: flex" in (style.text or "") and "nowrap" in (style.text or "")
+
+
+def test_labeling_screen_shows_the_models_guess_from_task_data() -> None:
+    """Header lines read the fields the pre-annotation writes; unnamed, so Label Studio does
+    not demand them in imported tasks (it does for named tags' `$fields`)."""
+    root = ET.fromstring(DEFAULT_LABEL_CONFIG.read_text())
+    headers = [h.get("value", "") for h in root.iter("Header")]
+    assert any(h.startswith("Model's guess: $predicted") for h in headers)
+    shown = " ".join(headers)
+    for field in ("$score", "$margin", "$entropy", "$set", "$lot", "$wafer_id"):
+        assert field in shown
+    assert all(h.get("name") is None for h in root.iter("Header"))
+    named_values = {el.get("value") for el in root.iter() if el.get("name") and el.get("value")}
+    assert named_values == {"$image"}, "only the picture is required in imported tasks"

@@ -64,6 +64,7 @@ LAYERS = {
         "service",
         "demo",
         "screenshots",
+        "load_test",
     },
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -125,7 +125,7 @@ def loop(
             auto=auto,
             engineer=engineer,
             backend_url=backend_url,
-            store=ModelStore(work / "models", torch.device("cpu")),
+            store=ModelStore.for_project(work / "models", wiring.project, torch.device("cpu")),
             redis=redis,
             truth=truth,
         )

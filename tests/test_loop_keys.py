@@ -116,7 +116,8 @@ def test_a_started_job_lives_as_long_as_its_process(redis: Redis) -> None:
     assert job_alive(redis, "j2")  # just started: time to set its heartbeat
     with holder("heartbeat", "j1") as process:
         assert job_alive(redis, "j1")
-        assert redis.ttl(heartbeat_key("j1")) <= loop_keys.HEARTBEAT_TTL_S
+        ttl: Any = redis.ttl(heartbeat_key("j1"))
+        assert 0 < ttl <= loop_keys.HEARTBEAT_TTL_S
         kill(process)
     # The key outlives the killed process by up to its expiry; the dead pid is seen at once.
     assert redis.exists(heartbeat_key("j1"))

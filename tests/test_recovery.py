@@ -1,4 +1,4 @@
-"""The loop recovers from the faults that used to stall it, with the real parts: Label Studio
+"""The loop recovers from the faults that used to stall it, and keeps projects apart, with the real parts: Label Studio
 1.23.2, a redis-server of its own (so it can be stopped), real rq worker processes killed with
 SIGKILL, and the `reconcile` command.
 
@@ -12,7 +12,9 @@ One project goes through the faults in order (the tests share it and run in file
 3. wafers added to the open set with their TASKS_CREATED lost: the next advance pre-annotates
    them although Redis marked the set opened;
 4. Redis stopped and restarted (empty) right after set 2 was finished: after recovery set 2 is
-   learnt and set 3 opened, and no label or model is lost.
+   learnt and set 3 opened, and no label or model is lost;
+5. a second project retraining in the same MODEL_DIR changes neither the model this project
+   serves nor the set it counts as learnt.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def kill_worker_running(world: World, job_id: str) -> None:
     worker_pids = [
         w.pid for w in Worker.all(connection=world.redis) if w.get_current_job_id() == job_id
     ]
-    beat = world.redis.get(heartbeat_key(job_id))
+    beat: Any = world.redis.get(heartbeat_key(job_id))
     assert worker_pids and beat is not None, "the job is not running"
     os.kill(int(beat.decode().split("|")[1]), signal.SIGKILL)
     for process in world.processes:
@@ -422,3 +424,43 @@ def test_redis_stopped_and_restarted_mid_loop_loses_nothing(
     finally:
         bench.close()
     assert last["repaired"] == [] and last["steps"][-1]["action"] == "wait", last
+
+
+# ---- 5. two projects, one MODEL_DIR ------------------------------------------------------------
+
+
+def test_another_project_retraining_changes_nothing_of_this_one(
+    world: World,
+    ls: LabelStudioClient,
+    label_config: LabelConfig,
+    real_wafers: tuple[WaferMaps, Any],
+) -> None:
+    served = world.store.current_version()
+    card = world.store.current_card()
+    assert served is not None and card is not None
+    other_plan = plan_sets(real_wafers[0], subsample=0.0005, initial_fraction=0.5, n_sets=1, seed=9)
+    config = world.settings.label_config_path.read_text()
+    other = ls.create_project(f"other {uuid.uuid4().hex[:8]}", config)
+    with world.client(world.auto) as client:
+        import_sets(client, other, other_plan, label_config, [0])
+    bench = Workbench.open(world.settings, world.redis, other)
+    try:
+        outcome = retrain(bench, other, 0)
+        other_step = advance(bench, other)
+    finally:
+        bench.close()
+    other_store = ModelStore.for_project(world.work / "models", other, torch.device("cpu"))
+    assert other_store.current_version() == outcome["model_version"]
+    assert other_store.root != world.store.root
+    # Project A serves and counts as learnt exactly what it did before.
+    fresh = ModelStore.for_project(world.work / "models", world.project, torch.device("cpu"))
+    assert fresh.current_version() == served
+    assert trained_through(fresh.current_card()) == trained_through(card) == 2
+    assert other_step["steps"][-1]["action"] == "wait", other_step
+    bench = Workbench.open(world.settings, world.redis, world.project)
+    try:
+        again = advance(bench, world.project)
+    finally:
+        bench.close()
+    assert again["steps"][-1]["action"] == "wait" and again["repaired"] == [], again
+    assert fresh.versions() == world.store.versions()
