@@ -195,6 +195,25 @@ class HeadlessChromium:
         )
         return None if found is None else Box(*(float(v) for v in found))
 
+    def shows(self, selector: str) -> bool:
+        """Whether the first element matching a CSS selector is wholly in sight: its box inside
+        the viewport, and its centre and corners (2 px in) not covered by anything else nor
+        clipped away by a scrolling parent (a hit test there finds the element or its child)."""
+        return bool(
+            self.evaluate(
+                f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                " if (!e) return false; const r = e.getBoundingClientRect();"
+                " if (r.width < 4 || r.height < 4 || r.left < 0 || r.top < 0"
+                "     || r.right > innerWidth || r.bottom > innerHeight) return false;"
+                " const points = [[r.left + r.width / 2, r.top + r.height / 2],"
+                "   [r.left + 2, r.top + 2], [r.right - 2, r.top + 2],"
+                "   [r.left + 2, r.bottom - 2], [r.right - 2, r.bottom - 2]];"
+                " return points.every(([x, y]) => {"
+                "   const hit = document.elementFromPoint(x, y); return !!hit && e.contains(hit); });"
+                " })()"
+            )
+        )
+
     def screenshot(self, path: Path) -> Path:
         """Save what the viewport shows as a PNG of `width` x `height` pixels."""
         answer = self.send("Page.captureScreenshot", {"format": "png", "fromSurface": True})

@@ -16,6 +16,7 @@ Label Studio (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, see README.md):
   reconcile      repair the loop after a crash or a lost webhook, and say what was repaired
   demo           the whole system on this machine; --simulate-engineers runs the loop
   load-test      bounded load on a backend started on loopback: latency, wafers/s, RSS
+  bench          wafers/s of every way to a prediction and of training, with ratios
 """
 
 from __future__ import annotations
@@ -249,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-requests", type=int, default=100_000, help="stop after (100000)")
     load.add_argument("--image-size", type=int, default=64, help="model input S x S (64)")
     load.set_defaults(data=None)
+
+    bench = sub.add_parser("bench", help="wafers/s of each way to a prediction; training; ratios")
+    _add_data_flags(bench)
+    bench.add_argument("--quick", action="store_true", help="a few minutes: fewer wafers")
+    bench.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    bench.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (cpu)"
+    )
     return parser
 
 
@@ -323,6 +332,8 @@ def _run(args: argparse.Namespace) -> int:
     from backend.study import torch_threads
 
     torch_threads()
+    if args.command == "bench":
+        return _bench(args, settings, labels)
     if args.command == "train":
         from backend.cli_labelstudio import run_train
 
@@ -347,6 +358,18 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     return _simulate(args, settings, labels)
+
+
+def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.bench import BenchPlan, report_lines, run_bench, write_json
+
+    plan = BenchPlan.quick(args.device) if args.quick else BenchPlan(device=args.device)
+    result = run_bench(plan, settings, labels, log=lambda s: print(s, file=sys.stderr))
+    print("\n".join(report_lines(result)))
+    if args.json is not None:
+        write_json(result, args.json)
+        print(f"figures written to {args.json}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:

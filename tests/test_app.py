@@ -263,7 +263,6 @@ class _UnreadableBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-
     def readinto(self, buffer: Any) -> int:
         raise AssertionError("the body was read although Content-Length is over the limit")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from backend.label_studio_db import (
     DATABASE_FILE,
@@ -18,7 +19,7 @@ from backend.label_studio_db import (
     database_name,
     drop_database,
 )
-from backend.stack import Credentials, free_port, server_environment
+from backend.stack import REPO_ROOT, Credentials, free_port, server_environment
 
 
 def _postgres_answers() -> bool:
@@ -113,3 +114,15 @@ def test_postgres_database_is_made_remembered_usable_and_dropped(tmp_path: Path)
         ).fetchone()
     assert left == (0,)
     assert not (tmp_path / DATABASE_FILE).exists()
+
+
+def test_docker_compose_runs_label_studio_on_its_postgres_service() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    ls_env = services["label-studio"]["environment"]
+    assert ls_env["DJANGO_DB"] == "default" and ls_env["POSTGRE_HOST"] == "postgres"
+    assert ls_env["POSTGRE_NAME"] == services["postgres"]["environment"]["POSTGRES_DB"]
+    assert ls_env["POSTGRE_USER"] == services["postgres"]["environment"]["POSTGRES_USER"]
+    depends = services["label-studio"]["depends_on"]["postgres"]
+    assert depends["condition"] == "service_healthy"
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]

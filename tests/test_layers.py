@@ -65,6 +65,7 @@ LAYERS = {
         "demo",
         "screenshots",
         "load_test",
+        "bench",
     },
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
