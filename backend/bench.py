@@ -64,7 +64,7 @@ from backend.classifier import (
     pick_device,
     to_inputs,
 )
-from backend.encoding import encode_wafers, one_hot, resize_nearest
+from backend.encoding import N_CHANNELS, encode_wafers, one_hot, resize_nearest
 from backend.label_config import LabelConfig
 from backend.model_store import ModelStore
 from backend.service import WaferLabelingService
@@ -228,9 +228,7 @@ def engine_predict(
 ) -> dict[str, Any]:
     """`predict_proba` on die codes in memory, at `batch`."""
     classifier.predict_proba(codes[:batch], batch_size=batch)
-    seconds = _timed(
-        classifier.device, lambda: classifier.predict_proba(codes, batch_size=batch)
-    )
+    seconds = _timed(classifier.device, lambda: classifier.predict_proba(codes, batch_size=batch))
     return _figure(
         classifier.card.backbone,
         codes.shape[1],
@@ -335,9 +333,13 @@ def predict_http(
             if failed:
                 raise RuntimeError(f"/predict failed {len(failed)} tasks: {failed[0]}")
 
+        def post_all() -> None:
+            for body in bodies:
+                post(body)
+
         bodies = predict_bodies(tasks, batch, label_config_xml)
         post(bodies[0])  # warm-up
-        seconds = _timed(classifier.device, lambda: [post(body) for body in bodies])
+        seconds = _timed(classifier.device, post_all)
     figure = _figure(
         classifier.card.backbone,
         classifier.card.image_size,
@@ -364,9 +366,11 @@ def plain_training(
     network.train()
     for _ in range(steps):
         pick = torch.randint(0, len(codes), (batch,), generator=generator).to(device)
-        x = F.one_hot(codes[pick].long(), 3).permute(0, 3, 1, 2).float()
+        x = F.one_hot(codes[pick].long(), N_CHANNELS).permute(0, 3, 1, 2).float()
         with autocast(device):
-            loss = F.cross_entropy(network(x.contiguous(memory_format=torch.channels_last)), targets[pick])
+            loss = F.cross_entropy(
+                network(x.contiguous(memory_format=torch.channels_last)), targets[pick]
+            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -412,9 +416,7 @@ def training_pair(
     report_box: list[Any] = []
     engine_s = _timed(
         device,
-        lambda: report_box.append(
-            train_network(network, codes, labels, n_classes, config, device)
-        ),
+        lambda: report_box.append(train_network(network, codes, labels, n_classes, config, device)),
     )
     samples = int(report_box[0].samples)
     recalibration_s = _timed(
@@ -461,7 +463,9 @@ def cache_figures(settings: Settings, classes: Sequence[str]) -> dict[str, Any]:
         timeout=600,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"loading the wafer cache in a child process failed: {done.stderr[-500:]}")
+        raise RuntimeError(
+            f"loading the wafer cache in a child process failed: {done.stderr[-500:]}"
+        )
     figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     figures["file"] = str(cache_file_for(settings.data_path, classes, settings.cache_dir, False))
     return figures
@@ -570,15 +574,17 @@ def _key(name: str, backbone: str, batch: int | None = None) -> str:
     return f"{name}:{backbone}" + (f":b{batch}" if batch is not None else "")
 
 
-def _ratios(figures: dict[str, Any], backbones: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
+def _ratios(
+    figures: dict[str, Any], backbones: Sequence[str]
+) -> tuple[dict[str, float], dict[str, str]]:
     ratios: dict[str, float] = {}
     basis: dict[str, str] = {}
     raw = {(f["backbone"], f["batch"]): f["wafers_per_s"] for f in figures["raw_forward"]}
     for name, key in (("engine_predict", "engine_vs_raw"), ("predict_http", "predict_http_vs_raw")):
         for f in figures[name]:
-            ratios[_key(key, f["backbone"], f["batch"])] = f["wafers_per_s"] / raw[
-                (f["backbone"], f["batch"])
-            ]
+            ratios[_key(key, f["backbone"], f["batch"])] = (
+                f["wafers_per_s"] / raw[(f["backbone"], f["batch"])]
+            )
     per_config = {k: v for k, v in ratios.items() if k.startswith("predict_http_vs_raw:")}
     worst = min(per_config, key=per_config.__getitem__)
     ratios["predict_http_vs_raw"] = per_config[worst]

@@ -36,7 +36,10 @@ from backend.encoding import resize_nearest
 from backend.images import ImageError
 from backend.label_config import LabelConfig
 from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, set_filter
-from backend.loop_state import LabelSource, annotation_source, annotations_of, label_of
+from backend.loop_state import (
+    label_of,
+    labelled_by_person,
+)
 from backend.settings import Settings
 from backend.splits import stable_holdout, stratified_sample
 from backend.training import TrainConfig, logit_adjustment, train_network
@@ -153,12 +156,7 @@ def history_from_tasks(
             continue
         classes.append(labels.failure_types.index(failure_type))
         keys.append(int(task["id"]))
-        by_person.append(
-            any(
-                annotation_source(a, auto_user) is not LabelSource.AUTO
-                for a in annotations_of(task)
-            )
-        )
+        by_person.append(labelled_by_person(task, auto_user))
     if len(codes) < 2:
         raise ValueError(f"{origin} holds {len(codes)} usable labelled wafers; need at least 2")
     return History(

@@ -56,7 +56,7 @@ from backend.loop_state import (
     set_states,
     trained_through,
 )
-from backend.preannotation import preannotate_set
+from backend.preannotation import accept_confident, preannotate_set, unaccepted_wafers
 from backend.reconcile import repair_keys
 from backend.retraining import retrain
 from backend.workbench import Workbench, job_workbench, loop_position, untried_wafers
@@ -163,6 +163,19 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
                     )
                 done.append(preannotate_set(bench, project, step.set_number, classifier))
                 continue
+            if open_set is not None and card is not None:
+                left = unaccepted_wafers(bench.client, project, open_set, card.version)
+                if left:
+                    # The pre-annotation stored every prediction but its accept step did not
+                    # finish (Label Studio unreachable, a crash): finish it, exactly once.
+                    repaired.append(
+                        f"set {open_set}: {left} auto-routed wafers of {card.version} were not "
+                        "accepted (an interrupted accept step): accepting them"
+                    )
+                    outcome = accept_confident(
+                        bench.client, project, open_set, card.version, bench.auto_user
+                    )
+                    done.append({"action": "accept", "set": open_set, **outcome.__dict__})
             done.append({"action": "wait", "set": step.set_number})
             break
         return {"project": project, "repaired": repaired, "steps": done}

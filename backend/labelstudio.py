@@ -671,8 +671,9 @@ class LabelStudioClient:
     ) -> None:
         """`accept_predictions` for every task matching all `filters` and having no annotation,
         as Label Studio evaluates them inside the action's own query: no listing beforehand,
-        so the call costs the same few requests whatever the set's size. Measured on Label
-        Studio 1.23.2 (PostgreSQL, 2 busy cores): see `backend.preannotation.accept_confident`.
+        so the call costs one request whatever the set's size. Measured on Label Studio 1.23.2
+        (PostgreSQL, 2 busy cores) inside `backend.preannotation.accept_confident`: 2,700 of
+        3,000 wafers accepted in a 36 s step.
         """
         query = _filters_query([*filters, unlabelled_filter()])
         with self._call(f"accepting predictions of {model_version} in project {project}"):
@@ -690,9 +691,9 @@ class LabelStudioClient:
 
     def delete_predictions(self, predictions: Sequence[int]) -> int:
         """Delete predictions by id (one DELETE each; Label Studio has no bulk call for chosen
-        prediction ids); returns how many. One already gone counts as deleted. Measured on
-        Label Studio 1.23.2 (PostgreSQL, 2 cores): see `backend.preannotation`. Fires no
-        webhook. Meant for the few surplus predictions of a set, not for whole sets.
+        prediction ids); returns how many. One already gone counts as deleted. Fires no
+        webhook. Meant for the few surplus predictions of a set, not for whole sets: 60 took
+        part of a 36 s accept step (Label Studio 1.23.2, PostgreSQL, 2 busy cores).
         """
         for prediction in predictions:
             try:

@@ -224,8 +224,12 @@ def accept_confident(
     answer lost) finds the accepted wafers labelled and accepts only the rest. A failure
     raises `LabelStudioError` naming the call. `accepted` is counted as the routed-auto
     unlabelled wafers before the action minus those after (engineers labelling meanwhile
-    shift it). Measured (Label Studio 1.23.2 on PostgreSQL, 2 cores shared with other
-    jobs, tests/test_accept.py): see the figures in the report of the scale test.
+    shift it).
+
+    Measured (tests/test_accept.py, scale test; Label Studio 1.23.2 on PostgreSQL 15, 2 cores
+    at load 5-7): 3,000 wafers, 2,700 accepted, 60 surplus predictions deleted, in 36.2 s
+    (83 wafers/s, most of it the 60 single deletes and the action). The earlier form, which
+    listed the set's unlabelled tasks first, took 184.8 s (16 wafers/s) there.
     """
     several = TaskFilter("total_predictions", FilterOperator.GREATER, "Number", 1)
     crowded = client.tasks(project, [set_filter(set_number), unlabelled_filter(), several])

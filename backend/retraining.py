@@ -25,10 +25,9 @@ from backend.classifier import ModelCard, WaferClassifier, build_network
 from backend.images import ImageError
 from backend.labelstudio import FilterOperator, TaskFilter
 from backend.loop_state import (
-    LabelSource,
-    annotation_source,
     annotations_of,
     label_of,
+    labelled_by_person,
     serving_rule,
 )
 from backend.splits import stable_holdout
@@ -88,12 +87,7 @@ def training_examples(
         codes.append(picture)
         classes.append(bench.labels.failure_types.index(failure_type))
         ids.append(int(task["id"]))
-        by_person.append(
-            any(
-                annotation_source(a, bench.auto_user) is not LabelSource.AUTO
-                for a in annotations_of(task)
-            )
-        )
+        by_person.append(labelled_by_person(task, bench.auto_user))
     return TrainingExamples(
         codes=np.stack(codes) if codes else np.zeros((0, size, size), np.uint8),
         classes=np.asarray(classes, dtype=np.int64),

@@ -25,6 +25,9 @@ from backend.ops import ENGINEER_VIEW
 
 QUEUE_PNG = "engineer-queue.png"
 LABELING_PNG = "labeling-screen.png"
+#: The failure-type choices and the picture's canvas on Label Studio 1.23.2's labeling screen.
+CHOICES = ".lsf-choices"
+PICTURE = ".lsf-object .konvajs-content"
 #: How long a page may take to show what is waited for (Label Studio's first page load on a
 #: busy 2-core machine takes several seconds).
 PAGE_TIMEOUT = 90.0
@@ -78,12 +81,11 @@ class Screens:
     #: The failure-type choices and the wafer picture on the labeling screen (None: not found).
     choices: Box | None
     picture: Box | None
+    #: Whether each is wholly in sight without scrolling (not below the fold, not covered).
+    choices_in_sight: bool
+    picture_in_sight: bool
     #: The labeling screen's text (the model's guess line, the choices, ...).
     labeling_text: str = field(repr=False)
-
-    def fits(self, box: Box | None) -> bool:
-        """Whether `box` is wholly inside the window."""
-        return box is not None and box.inside(self.width, self.height)
 
 
 def take_screenshots(
@@ -125,8 +127,10 @@ def take_screenshots(
             height=height,
             columns=list(columns),
             rows=rows,
-            choices=page.box(".lsf-choices"),
-            picture=page.box(".lsf-object .konvajs-content"),
+            choices=page.box(CHOICES),
+            picture=page.box(PICTURE),
+            choices_in_sight=page.shows(CHOICES),
+            picture_in_sight=page.shows(PICTURE),
             labeling_text=str(page.evaluate(_TEXT_JS)),
         )
 
@@ -233,9 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"screenshots failed: {exc}", file=sys.stderr)
         return 1
     print(f"{screens.queue}: tab {args.tab!r}, {screens.rows} rows, columns {screens.columns}")
-    fits = (
-        "fit" if screens.fits(screens.choices) and screens.fits(screens.picture) else "DO NOT fit"
-    )
+    fits = "fit" if screens.choices_in_sight and screens.picture_in_sight else "DO NOT fit"
     print(f"{screens.labeling}: picture and failure types {fits} in {args.width}x{args.height}")
     return 0
 

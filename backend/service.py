@@ -32,7 +32,7 @@ from backend.images import ImageRules, model_input
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.loop_keys import QUEUES
-from backend.loop_state import serving_rule, trained_through
+from backend.loop_state import serving_rule, set_number_of, trained_through
 from backend.model_store import ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
 from backend.settings import Settings
@@ -158,19 +158,41 @@ class WaferLabelingService:
         project: str | None = None,
     ) -> list[dict[str, Any]]:
         """One entry per task; tasks whose picture cannot be read get an error entry, and the
-        batch writes ONE log line about them however many they are."""
+        batch writes ONE log line about them however many they are.
+
+        A task of a set beyond the open one (its `data.set` is past the served model's
+        trained-through set + 1) gets an entry without a result, which Label Studio does not
+        store: an engineer who opens such a task early would otherwise leave an old model's
+        prediction on it, beside the one its set gets when it is opened."""
         number = project_id(project)
         classifier = self.store(number).load_current()
         if classifier is None:
             message = f"no model is trained yet for project {number}: import its initial set first"
             return [{"model_version": NO_MODEL, "error": message} for _ in tasks]
+        version = classifier.card.version
+        learnt = trained_through(classifier.card)
+        later = [
+            learnt is not None and (n := set_number_of(t)) is not None and n > learnt + 1
+            for t in tasks
+        ]
+        current = [t for t, skip in zip(tasks, later, strict=True) if not skip]
         fetch = _Fetch(self._http, self.settings, classifier.card.image_size)
         rule = partial(serving_rule, self.settings, classifier.card)
-        predictions = predict_tasks(tasks, classifier, self.labels, rule, fetch)
+        predictions = predict_tasks(current, classifier, self.labels, rule, fetch)
         summary = failure_summary(predictions)
         if summary is not None:
             log.warning("predict for project %d: %s", number, summary)
-        return tasks_to_label_studio(predictions, self.labels, classifier.card.version)
+        answered = iter(tasks_to_label_studio(predictions, self.labels, version))
+        return [
+            {
+                "model_version": version,
+                "error": f"set {set_number_of(t)} is pre-annotated when it is opened "
+                f"({version} learnt through set {learnt})",
+            }
+            if skip
+            else next(answered)
+            for t, skip in zip(tasks, later, strict=True)
+        ]
 
     def versions(self, project: str | None) -> list[str]:
         """The project's stored versions, oldest first; always holding what /setup reports."""

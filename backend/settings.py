@@ -137,7 +137,9 @@ class Settings:
                 f"validation fraction must be within (0, 1), got {self.validation_fraction}"
             )
         if self.max_request_bytes < 2**10:
-            raise ValueError(f"the request limit must be at least 1 KiB, got {self.max_request_bytes}")
+            raise ValueError(
+                f"the request limit must be at least 1 KiB, got {self.max_request_bytes}"
+            )
         if self.max_tasks < 1 or self.predict_requests < 1:
             raise ValueError("WAFER_MAX_TASKS and WAFER_PREDICT_REQUESTS must be at least 1")
         if self.image_max_pixels < 1 or self.image_max_bytes < 1:

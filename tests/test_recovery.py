@@ -354,6 +354,44 @@ def test_wafers_added_without_a_webhook_are_pre_annotated_by_the_next_advance(
         assert set(predictions_of(client, world.project, 2, version)) == {1}
 
 
+def test_an_interrupted_accept_step_is_finished_by_the_next_advance_exactly_once(
+    world: World,
+) -> None:
+    """The accept step died after the predictions were stored (Label Studio unreachable, a
+    killed worker): the set looks pre-annotated, but some auto-routed wafers have no label."""
+    version = world.store.current_version()
+    assert version is not None
+    with world.client(world.auto) as client:
+        auto_user = client.current_user_id()
+        tasks = client.tasks_of_set(world.project, 2)
+        auto_labels = [
+            a["id"]
+            for t in tasks
+            if len(t.get("annotations") or []) == 1
+            for a in t["annotations"]
+            if a.get("completed_by") == auto_user
+        ]
+        assert len(auto_labels) >= 2, "the fixed 0.3 threshold routes most wafers auto"
+        before = sum(
+            a.get("completed_by") == auto_user for t in tasks for a in t.get("annotations") or []
+        )
+        undone = auto_labels[:2]
+        assert client.delete_annotations(undone) == 2
+    outcome = advance_now(world)
+    world.faults.append(f"accept step interrupted (2 auto labels missing); advance: {outcome}")
+    assert any("interrupted accept step" in line for line in outcome["repaired"]), outcome
+    with world.client(world.auto) as client:
+        after = client.tasks_of_set(world.project, 2)
+    per_task = [
+        sum(a.get("completed_by") == auto_user for a in t.get("annotations") or []) for t in after
+    ]
+    assert max(per_task) == 1
+    assert sum(per_task) == before
+    # And a second advance finds nothing left to accept.
+    again = advance_now(world)
+    assert not any("interrupted accept step" in line for line in again["repaired"]), again
+
+
 # ---- 4. Redis stopped and restarted mid-loop ---------------------------------------------------
 
 

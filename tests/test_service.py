@@ -193,6 +193,22 @@ def test_predict_answers_every_task_in_order(
     assert "task 13" in broken["error"]
 
 
+def test_tasks_of_sets_not_opened_yet_get_no_prediction(client: FlaskClient) -> None:
+    """The served model learnt through set 0, so set 1 is the open set: a task of set 3 that an
+    engineer opens early gets an entry without a result (Label Studio stores nothing), so it
+    never carries an old model's prediction beside the one its set gets when it is opened."""
+    early = picture_task(21, 4)
+    early["data"]["set"] = 3
+    unnumbered = picture_task(22, 5)
+    del unnumbered["data"]["set"]
+    tasks = [picture_task(20, 1), early, unnumbered]
+    results = body_of(client.post("/predict", json=predict_body(tasks)))["results"]
+    assert [("result" in r) for r in results] == [True, False, True]
+    assert results[1]["model_version"] == VERSION
+    assert "set 3 is pre-annotated when it is opened" in results[1]["error"]
+    assert "learnt through set 0" in results[1]["error"]
+
+
 def test_predict_without_a_model(tmp_path: Path, redis: Redis) -> None:
     client = app_client(settings_for(tmp_path / "empty"))
     assert client.get("/health").json == {
