@@ -1,7 +1,8 @@
 """`python -m backend bench`: how fast each way from a wafer to a prediction is here. Layer L3.
 
 A benchmark that prints figures and writes them as JSON; nothing here asserts a speed. In one run
-on the machine at hand it measures, each after a warm-up on the same shapes:
+on the machine at hand it measures, each after a warm-up on the same shapes and as the fastest
+of a few runs in which the ways compared take turns (`fastest`):
 
 - **the study's way**: resnet50, one wafer at a time (batch 1), fp32, 224 x 224 input;
 - **the raw model**: a plain torchvision resnet18/resnet50 on ready one-hot inputs already on the
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torchvision
+from flask.testing import FlaskClient
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torchvision import models
@@ -96,8 +98,10 @@ class BenchPlan:
     predict_wafers: int = 1024
     train_backbones: tuple[str, ...] = ("resnet18", "resnet50")
     train_batch_size: int = 64
-    train_samples: int = 4096
+    train_samples: int = 2048
     train_epochs: int = 2
+    repeats: int = 3
+    train_repeats: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,8 +109,9 @@ class BenchPlan:
             raise ValueError("name at least one backbone and one batch size")
         if min(self.batch_sizes) < 1 or self.train_batch_size < 2:
             raise ValueError("batch sizes must be at least 1 (training: at least 2)")
-        if min(self.study_wafers, self.predict_wafers, self.train_samples, self.train_epochs) < 1:
-            raise ValueError("wafer, sample and epoch counts must be positive")
+        counts = (self.study_wafers, self.predict_wafers, self.train_samples, self.train_epochs)
+        if min(*counts, self.repeats, self.train_repeats) < 1:
+            raise ValueError("wafer, sample, epoch and repeat counts must be positive")
         if self.train_samples < self.train_batch_size * self.train_epochs:
             raise ValueError("train-samples must hold at least one batch per epoch")
 
@@ -115,10 +120,10 @@ class BenchPlan:
         """A few minutes on a 2-core CPU: fewer wafers, one training network."""
         return cls(
             device=device,
-            study_wafers=6,
+            study_wafers=4,
             predict_wafers=256,
             train_backbones=("resnet18",),
-            train_samples=1024,
+            train_samples=512,
         )
 
     def wafers_needed(self) -> int:
@@ -132,19 +137,36 @@ class BenchPlan:
 
 # ---- timing helpers ---------------------------------------------------------------------------
 
+#: Something to time: one full pass of a measurement (its warm-up was done beforehand).
+Work = Callable[[], object]
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(device: torch.device, work: Callable[[], object]) -> float:
+def _timed(device: torch.device, work: Work) -> float:
     """Seconds `work` takes, the device's queue drained before and after."""
     _sync(device)
     start = time.perf_counter()
     work()
     _sync(device)
     return time.perf_counter() - start
+
+
+def fastest(device: torch.device, works: Mapping[str, Work], repeats: int) -> dict[str, float]:
+    """The shortest of `repeats` timings of each work, the works taking turns in each round.
+
+    Others' load on the machine only ever slows a run down, so the fastest run is the best
+    estimate of what the code itself costs, and taking turns exposes the works compared with
+    each other to the same moments of load.
+    """
+    best = dict.fromkeys(works, math.inf)
+    for _ in range(repeats):
+        for name, work in works.items():
+            best[name] = min(best[name], _timed(device, work))
+    return best
 
 
 def precision_of(device: torch.device) -> str:
@@ -158,7 +180,7 @@ def whole_batches(wafers: int, batch: int) -> int:
     return batch * math.ceil(wafers / batch)
 
 
-# ---- the measurements -------------------------------------------------------------------------
+# ---- the measurements: each prepares its inputs, warms up, and returns the work to time -------
 
 
 def plain_network(backbone: str, n_classes: int, device: torch.device) -> nn.Module:
@@ -169,11 +191,10 @@ def plain_network(backbone: str, n_classes: int, device: torch.device) -> nn.Mod
     return network.to(device).to(memory_format=torch.channels_last)
 
 
-def study_way(
-    wafers: WaferMaps, n: int, n_classes: int, size: int, device: torch.device
-) -> dict[str, Any]:
+def study_way(wafers: WaferMaps, n: int, n_classes: int, size: int, device: torch.device) -> Work:
     """The study's way: resnet50, fp32, each wafer alone: resized to size x size, one-hot,
-    one forward pass (per-wafer preparation is inside the timing, as in a loop over images)."""
+    one forward pass (per-wafer preparation is inside the timing, as in a loop over images).
+    Wafer `n` is the warm-up."""
     network = plain_network(STUDY_BACKBONE, n_classes, device).eval()
 
     def run(indices: range) -> None:
@@ -182,26 +203,24 @@ def study_way(
                 x = torch.from_numpy(one_hot(resize_nearest(wafers.die_map(i), size)[None]))
                 network(x.to(device).contiguous(memory_format=torch.channels_last))
 
-    run(range(n, n + 1))  # warm-up on a wafer not timed
-    seconds = _timed(device, lambda: run(range(n)))
-    return _figure(STUDY_BACKBONE, size, 1, n, seconds, "fp32")
+    run(range(n, n + 1))
+    return lambda: run(range(n))
 
 
 def raw_forward(
     backbone: str, codes: npt.NDArray[np.uint8], batch: int, n_classes: int, device: torch.device
-) -> dict[str, Any]:
+) -> Work:
     """The raw model: forward passes only, inputs one-hot and on the device beforehand."""
     network = plain_network(backbone, n_classes, device).eval()
     inputs = to_inputs(torch.from_numpy(codes).to(device))
 
-    def run(parts: Iterator[slice]) -> None:
+    def run(parts: Iterable[slice]) -> None:
         with torch.inference_mode(), autocast(device):
             for part in parts:
                 network(inputs[part])
 
-    run(iter([slice(0, batch)]))
-    seconds = _timed(device, lambda: run(batches(len(codes), batch)))
-    return _figure(backbone, codes.shape[1], batch, len(codes), seconds, precision_of(device))
+    run([slice(0, batch)])
+    return lambda: run(batches(len(codes), batch))
 
 
 def engine_classifier(
@@ -223,20 +242,10 @@ def engine_classifier(
     return WaferClassifier(network=network, card=card, device=device)
 
 
-def engine_predict(
-    classifier: WaferClassifier, codes: npt.NDArray[np.uint8], batch: int
-) -> dict[str, Any]:
+def engine_predict(classifier: WaferClassifier, codes: npt.NDArray[np.uint8], batch: int) -> Work:
     """`predict_proba` on die codes in memory, at `batch`."""
     classifier.predict_proba(codes[:batch], batch_size=batch)
-    seconds = _timed(classifier.device, lambda: classifier.predict_proba(codes, batch_size=batch))
-    return _figure(
-        classifier.card.backbone,
-        codes.shape[1],
-        batch,
-        len(codes),
-        seconds,
-        precision_of(classifier.device),
-    )
+    return lambda: classifier.predict_proba(codes, batch_size=batch)
 
 
 def label_studio_tasks(
@@ -297,59 +306,46 @@ def quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(before)
 
 
-def predict_http(
-    settings: Settings,
-    classifier: WaferClassifier,
-    tasks: Sequence[dict[str, Any]],
-    batch: int,
-    label_config_xml: str,
-) -> dict[str, Any]:
-    """POST /predict with `batch` tasks per request to the real app and service, `classifier`
-    published for PROJECT in a temporary MODEL_DIR. Every task must come back predicted."""
-    with tempfile.TemporaryDirectory(prefix="wafer-bench-models-") as tmp:
-        model_dir = Path(tmp)
-        ModelStore.for_project(model_dir, PROJECT, classifier.device).publish(classifier)
-        service_settings = replace(
-            settings,
-            model_dir=model_dir,
-            device=classifier.device.type,
-            image_size=classifier.card.image_size,
-            backbone=classifier.card.backbone,
-            label_studio_api_key="",
-            route_threshold=None,
-        )
-        with quiet("backend.app"):
-            app = create_app(WaferLabelingService(service_settings), basic_auth=None)
-        client = app.test_client()
-
-        def post(body: bytes) -> None:
-            response = client.post("/predict", data=body, content_type="application/json")
-            answer = response.get_json()
-            if response.status_code != 200 or not isinstance(answer, dict):
-                raise RuntimeError(
-                    f"/predict answered {response.status_code}: {response.get_data()[:300]!r}"
-                )
-            failed = [r for r in answer["results"] if not r.get("result")]
-            if failed:
-                raise RuntimeError(f"/predict failed {len(failed)} tasks: {failed[0]}")
-
-        def post_all() -> None:
-            for body in bodies:
-                post(body)
-
-        bodies = predict_bodies(tasks, batch, label_config_xml)
-        post(bodies[0])  # warm-up
-        seconds = _timed(classifier.device, post_all)
-    figure = _figure(
-        classifier.card.backbone,
-        classifier.card.image_size,
-        batch,
-        len(tasks),
-        seconds,
-        precision_of(classifier.device),
+def predict_app(settings: Settings, classifier: WaferClassifier, model_dir: Path) -> FlaskClient:
+    """A test client of the real app and service, `classifier` published for PROJECT in
+    `model_dir` (empty) and served."""
+    ModelStore.for_project(model_dir, PROJECT, classifier.device).publish(classifier)
+    service_settings = replace(
+        settings,
+        model_dir=model_dir,
+        device=classifier.device.type,
+        image_size=classifier.card.image_size,
+        backbone=classifier.card.backbone,
+        label_studio_api_key="",
+        route_threshold=None,
     )
-    figure["server"] = HTTP_SERVER
-    return figure
+    with quiet("backend.app"):  # its warning that no credentials are set
+        app = create_app(WaferLabelingService(service_settings), basic_auth=None)
+    return app.test_client()
+
+
+def post_predict(client: FlaskClient, body: bytes) -> None:
+    """One /predict; a RuntimeError unless every task came back with a prediction."""
+    response = client.post("/predict", data=body, content_type="application/json")
+    answer = response.get_json()
+    if response.status_code != 200 or not isinstance(answer, dict):
+        raise RuntimeError(
+            f"/predict answered {response.status_code}: {response.get_data()[:300]!r}"
+        )
+    failed = [r for r in answer["results"] if not r.get("result")]
+    if failed:
+        raise RuntimeError(f"/predict failed {len(failed)} tasks: {failed[0]}")
+
+
+def predict_http(client: FlaskClient, bodies: Sequence[bytes]) -> Work:
+    """POST every body to /predict, one after the other."""
+    post_predict(client, bodies[0])
+
+    def run() -> None:
+        for body in bodies:
+            post_predict(client, body)
+
+    return run
 
 
 def plain_training(
@@ -376,76 +372,60 @@ def plain_training(
         optimiser.step()
 
 
-def training_pair(
+def training_works(
     backbone: str,
     codes: npt.NDArray[np.uint8],
     labels: npt.NDArray[np.int64],
     n_classes: int,
     plan: BenchPlan,
     device: torch.device,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(plain, engine) training figures: same network, batch, precision and sample count.
+) -> tuple[dict[str, Work], int]:
+    """Works "plain", "engine" and "recalibration", and the samples each loop trains on.
 
-    The engine's time is `train_network` whole: sampling, augmentation, schedule and its final
-    BatchNorm recalibration (a fixed pass over up to 2,048 wafers, also timed alone and given as
-    ``batch_norm_recalibration_s``).
+    Plain and engine: the same network, batch size, precision and number of samples. The
+    engine's work is `train_network` whole: sampling, augmentation, schedule and its final
+    BatchNorm recalibration (a fixed pass over up to 2,048 wafers, also timed alone).
     """
     batch = plan.train_batch_size
     config = TrainConfig(epochs=plan.train_epochs, batch_size=batch, seed=plan.seed)
     steps = plan.train_epochs * (len(codes) // batch)
-    precision = precision_of(device)
-    size = codes.shape[1]
-
-    # Warm-ups on the shapes timed below: two steps of each loop on their own networks.
-    warm = build_network(backbone, n_classes, plan.seed).to(device)
-    warm = warm.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(plan.seed)
     data = torch.from_numpy(np.ascontiguousarray(codes)).to(device)
     targets = torch.from_numpy(labels).to(device)
-    plain_training(warm, data, targets, 2, batch, device, generator)
-    warm_config = replace(config, epochs=1)
-    warm = build_network(backbone, n_classes, plan.seed)
-    train_network(warm, codes[: 2 * batch], labels[: 2 * batch], n_classes, warm_config, device)
-
-    network = build_network(backbone, n_classes, plan.seed).to(device)
-    network = network.to(memory_format=torch.channels_last)
-    plain_s = _timed(
-        device, lambda: plain_training(network, data, targets, steps, batch, device, generator)
-    )
-    network = build_network(backbone, n_classes, plan.seed)
-    report_box: list[Any] = []
-    engine_s = _timed(
-        device,
-        lambda: report_box.append(train_network(network, codes, labels, n_classes, config, device)),
-    )
-    samples = int(report_box[0].samples)
-    recalibration_s = _timed(
-        device,
-        lambda: recalibrate_batch_norm(network, data, device, batch, generator),
-    )
-    plain = _figure(backbone, size, batch, steps * batch, plain_s, precision, unit="samples")
-    engine = _figure(backbone, size, batch, samples, engine_s, precision, unit="samples")
-    engine["batch_norm_recalibration_s"] = recalibration_s
-    plain["wafers"] = engine["wafers"] = len(codes)
-    return plain, engine
+    plain = build_network(backbone, n_classes, plan.seed).to(device)
+    plain = plain.to(memory_format=torch.channels_last)
+    engine = build_network(backbone, n_classes, plan.seed)
+    # Warm-ups on the shapes timed: two steps of each loop.
+    plain_training(plain, data, targets, 2, batch, device, generator)
+    warm = replace(config, epochs=1)
+    train_network(engine, codes[: 2 * batch], labels[: 2 * batch], n_classes, warm, device)
+    works: dict[str, Work] = {
+        "plain": lambda: plain_training(plain, data, targets, steps, batch, device, generator),
+        "engine": lambda: train_network(engine, codes, labels, n_classes, config, device),
+        "recalibration": lambda: recalibrate_batch_norm(engine, data, device, batch, generator),
+    }
+    return works, steps * batch
 
 
 def cache_figures(settings: Settings, classes: Sequence[str]) -> dict[str, Any]:
-    """Load the wafer cache in a child process: seconds, and its RSS before the load (after
-    imports) and at its peak."""
+    """Load the wafer cache in a fresh child process: seconds, and the child's resident memory
+    after its imports and at its peak (VmRSS / VmHWM of /proc/self/status: `ru_maxrss` would
+    carry this process's peak over into the child)."""
     child = (
-        "import json, resource, sys, time\n"
+        "import json, re, sys, time\n"
         "from pathlib import Path\n"
         "from backend.sources import load_wafers\n"
+        "def mib(field):\n"
+        "    text = Path('/proc/self/status').read_text()\n"
+        "    return int(re.search(field + r':\\s+(\\d+) kB', text).group(1)) / 1024\n"
         "path, classes, cache = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = mib('VmRSS')\n"
         "start = time.perf_counter()\n"
         "wafers, report = load_wafers(Path(path), classes, Path(cache), progress=False)\n"
         "seconds = time.perf_counter() - start\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'wafers': len(wafers), 'from_cache': report.from_cache,\n"
-        "                  'load_s': seconds, 'rss_before_load_mib': before / 1024,\n"
-        "                  'peak_rss_mib': peak / 1024}))\n"
+        "                  'load_s': seconds, 'rss_before_load_mib': before,\n"
+        "                  'peak_rss_mib': mib('VmHWM')}))\n"
     )
     done = subprocess.run(
         [
@@ -631,34 +611,54 @@ def run_bench(
         cache = cache_figures(settings, labels.failure_types)
     figures["cache"] = cache
 
+    precision = precision_of(device)
     log(f"study's way: {STUDY_BACKBONE}, batch 1, fp32, {plan.study_image_size} ...")
-    figures["study_way"] = study_way(
-        data.wafers, plan.study_wafers, k, plan.study_image_size, device
-    )
+    study = study_way(data.wafers, plan.study_wafers, k, plan.study_image_size, device)
+    seconds = fastest(device, {"study": study}, plan.repeats)["study"]
+    size = plan.study_image_size
+    figures["study_way"] = _figure(STUDY_BACKBONE, size, 1, plan.study_wafers, seconds, "fp32")
+
     codes = encode_wafers(data.wafers, plan.image_size)
     label_config_xml = settings.label_config_path.read_text()
     n_predict = whole_batches(plan.predict_wafers, max(plan.batch_sizes))
     log(f"rendering {n_predict:,} wafer pictures as data-URL PNG tasks ...")
     tasks = label_studio_tasks(data.wafers.subset(np.arange(n_predict)), labels, data.source)
-    figures["raw_forward"], figures["engine_predict"], figures["predict_http"] = [], [], []
+    for name in ("raw_forward", "engine_predict", "predict_http"):
+        figures[name] = []
     for backbone in plan.backbones:
         classifier = engine_classifier(backbone, labels, plan.image_size, device, plan.seed)
-        for batch in plan.batch_sizes:
-            n = whole_batches(plan.predict_wafers, batch)
-            log(f"{backbone} at {plan.image_size}, batch {batch}: raw, engine, /predict ...")
-            figures["raw_forward"].append(raw_forward(backbone, codes[:n], batch, k, device))
-            figures["engine_predict"].append(engine_predict(classifier, codes[:n], batch))
-            figures["predict_http"].append(
-                predict_http(settings, classifier, tasks[:n], batch, label_config_xml)
-            )
+        with tempfile.TemporaryDirectory(prefix="wafer-bench-models-") as model_dir:
+            client = predict_app(settings, classifier, Path(model_dir))
+            for batch in plan.batch_sizes:
+                n = whole_batches(plan.predict_wafers, batch)
+                log(f"{backbone} at {plan.image_size}, batch {batch}: raw, engine, /predict ...")
+                works = {
+                    "raw_forward": raw_forward(backbone, codes[:n], batch, k, device),
+                    "engine_predict": engine_predict(classifier, codes[:n], batch),
+                    "predict_http": predict_http(
+                        client, predict_bodies(tasks[:n], batch, label_config_xml)
+                    ),
+                }
+                for name, seconds in fastest(device, works, plan.repeats).items():
+                    figure = _figure(backbone, plan.image_size, batch, n, seconds, precision)
+                    figures[name].append(figure)
+                figures["predict_http"][-1]["server"] = HTTP_SERVER
+
     figures["train_plain"], figures["train_engine"] = [], []
     n_train = plan.train_samples // plan.train_epochs
     train_labels = data.wafers.labels[:n_train].astype(np.int64)
     for backbone in plan.train_backbones:
         log(f"training {backbone}: plain loop and engine, {plan.train_samples:,} samples each ...")
-        plain, engine = training_pair(backbone, codes[:n_train], train_labels, k, plan, device)
-        figures["train_plain"].append(plain)
-        figures["train_engine"].append(engine)
+        works, samples = training_works(backbone, codes[:n_train], train_labels, k, plan, device)
+        best = fastest(device, works, plan.train_repeats)
+        batch = plan.train_batch_size
+        for name in ("plain", "engine"):
+            figure = _figure(
+                backbone, plan.image_size, batch, samples, best[name], precision, unit="samples"
+            )
+            figure["wafers"] = n_train
+            figures[f"train_{name}"].append(figure)
+        figures["train_engine"][-1]["batch_norm_recalibration_s"] = best["recalibration"]
     ratios, basis = _ratios(figures, plan.backbones)
     facts["load_average_end"] = round(os.getloadavg()[0], 2)
     return {

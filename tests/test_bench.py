@@ -30,6 +30,8 @@ TINY = BenchPlan(
     train_batch_size=4,
     train_samples=16,
     train_epochs=2,
+    repeats=1,
+    train_repeats=1,
 )
 
 

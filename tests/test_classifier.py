@@ -65,7 +65,9 @@ def test_training_learns_a_separable_pattern_and_predicts_probabilities() -> Non
     network = build_network("resnet18", 2, seed=0)
     config = TrainConfig(epochs=3, batch_size=32, learning_rate=3e-3, seed=0)
     report = train_network(network, codes, labels, 2, config, CPU)
-    assert report.loss_per_epoch[-1] < report.loss_per_epoch[0]
+    # Learnt: well below the cross-entropy of a coin flip (ln 2). Epoch-to-epoch loss is not
+    # monotone on a CPU whose thread count varies with load, so no ordering is asserted.
+    assert report.loss_per_epoch[-1] < 0.5 * np.log(2)
     card = ModelCard(
         "t", ("Center", "none"), 32, "resnet18", tuple(logit_adjustment(labels, 2, "sqrt"))
     )
