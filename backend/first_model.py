@@ -30,7 +30,6 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from backend.calibration import calibrate
 from backend.classifier import ModelCard, WaferClassifier, build_network
 from backend.encoding import resize_nearest
 from backend.images import ImageError
@@ -40,10 +39,11 @@ from backend.loop_state import (
     label_of,
     labelled_by_person,
 )
+from backend.retraining import with_validation
 from backend.settings import Settings
 from backend.splits import stable_holdout, stratified_sample
 from backend.training import TrainConfig, logit_adjustment, train_network
-from backend.uncertainty import Measure, uncertainty
+from backend.uncertainty import Measure
 from backend.wafer_sets import INITIAL_SET
 from backend.wafers import WaferMaps
 
@@ -234,27 +234,9 @@ def train_first_model(
         started = time.perf_counter()
         probs = model.predict_proba(history.codes[val], progress="validating" if progress else None)
         figures["predict_wafers_per_second"] = len(val) / (time.perf_counter() - started)
-        correct = probs.argmax(axis=1) == history.classes[val]
-        scores = uncertainty(probs, measure)
-        cal = calibrate(scores, correct, measure, settings.target_accuracy)
-        card = dataclasses.replace(
-            card,
-            training={
-                **card.training,
-                "validation": {
-                    "measure": measure.value,
-                    "scores": [float(x) for x in scores],
-                    "correct": [bool(x) for x in correct],
-                },
-            },
+        card, calibration = with_validation(
+            card, probs, history.classes[val], measure, settings.target_accuracy
         )
-        metrics |= {
-            "validation_wafers": float(len(val)),
-            "validation_accuracy": float(correct.mean()),
-            "route_threshold": cal.rule.threshold,
-            "target_accuracy": settings.target_accuracy,
-            "predicted_accuracy": cal.predicted_accuracy,
-            "expected_engineer_ratio": cal.expected_engineer_ratio,
-        }
+        metrics |= calibration
     card = dataclasses.replace(card, metrics=metrics)
     return WaferClassifier(network=network, card=card, device=device), figures

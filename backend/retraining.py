@@ -38,6 +38,34 @@ from backend.workbench import Workbench
 log = logging.getLogger(__name__)
 
 
+def with_validation(
+    card: ModelCard,
+    probs: npt.NDArray[np.float64],
+    truth: npt.NDArray[np.int64],
+    measure: Measure,
+    target_accuracy: float,
+) -> tuple[ModelCard, dict[str, float]]:
+    """The card with the model's scores on its held-out, person-labelled wafers stored (the
+    serving rule calibrates each set to them) and the calibration figures for its metrics."""
+    correct = probs.argmax(axis=1) == truth
+    scores = uncertainty(probs, measure)
+    cal = calibrate(scores, correct, measure, target_accuracy)
+    validation = {
+        "measure": measure.value,
+        "scores": [float(x) for x in scores],
+        "correct": [bool(x) for x in correct],
+    }
+    card = dataclasses.replace(card, training={**card.training, "validation": validation})
+    return card, {
+        "validation_wafers": float(len(truth)),
+        "validation_accuracy": float(correct.mean()),
+        "route_threshold": cal.rule.threshold,
+        "target_accuracy": target_accuracy,
+        "predicted_accuracy": cal.predicted_accuracy,
+        "expected_engineer_ratio": cal.expected_engineer_ratio,
+    }
+
+
 def report_stage(stage: str) -> None:
     """Show the running rq job's stage in its meta (``job.meta["stage"]``: "training",
     "publishing"), for dashboards and for tests that stop a worker at a known point."""
@@ -159,28 +187,10 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     metrics: dict[str, float] = {"train_wafers": float(len(train))}
     if len(val):
         probs = model.predict_proba(codes[val])
-        correct = probs.argmax(axis=1) == classes[val]
-        measure = Measure(s.route_measure)
-        cal = calibrate(uncertainty(probs, measure), correct, measure, s.target_accuracy)
-        card = dataclasses.replace(
-            card,
-            training={
-                **card.training,
-                "validation": {
-                    "measure": measure.value,
-                    "scores": [float(x) for x in uncertainty(probs, measure)],
-                    "correct": [bool(x) for x in correct],
-                },
-            },
+        card, calibration = with_validation(
+            card, probs, classes[val], Measure(s.route_measure), s.target_accuracy
         )
-        metrics |= {
-            "validation_wafers": float(len(val)),
-            "validation_accuracy": float(correct.mean()),
-            "route_threshold": cal.rule.threshold,
-            "target_accuracy": s.target_accuracy,
-            "predicted_accuracy": cal.predicted_accuracy,
-            "expected_engineer_ratio": cal.expected_engineer_ratio,
-        }
+        metrics |= calibration
     model = WaferClassifier(
         network=network, card=dataclasses.replace(card, metrics=metrics), device=bench.store.device
     )
