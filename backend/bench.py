@@ -14,13 +14,17 @@ of a few runs in which the ways compared take turns (`fastest`):
   (in process: no sockets, no gunicorn), with the model published into a temporary MODEL_DIR;
 - **training**: the engine's `train_network` against a plain PyTorch loop (random batches, one-hot,
   cross-entropy, AdamW) on the same network, batch size, precision and number of samples;
-- **the wafer cache**: load time and peak RSS of `load_wafers` from the cache, in a child process.
+- **the wafer cache**: load time and peak RSS of `load_wafers` from the cache, in a child process;
+- **pictures**: drawing and encoding the /predict wafers' pictures as data URLs (what
+  `import-sets` does per wafer), as the palette PNGs drawn now and as the RGB PNGs drawn before,
+  and decoding each kind back to the model input (`backend.images.model_input`).
 
 Ratios (the issue's targets): ``predict_http_vs_raw`` (>= 0.80) is the LOWEST /predict over raw
 wafers/s over the backbones and batch sizes measured; ``train_engine_vs_plain`` (>= 0.85) the
 lowest engine over plain training samples/s; ``engine_vs_study_way`` is the engine's predict at
 the study's backbone (resnet50 when measured) and the largest batch over the study's way.
-Every per-configuration ratio is in the JSON too, keyed ``name:backbone:bBATCH``.
+Every per-configuration ratio is in the JSON too, keyed ``name:backbone:bBATCH``. ``picture_encode_palette_vs_rgb`` and ``picture_decode_palette_vs_rgb``
+compare the two kinds of pictures of the same wafers (wafers/s).
 
 Real WM-811K wafers come from the conversion cache (WAFER_DATA + WAFER_CACHE_DIR) when it exists;
 otherwise synthetic round wafers with random failing dies are used and the output says so (the
@@ -46,6 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -66,7 +71,15 @@ from backend.classifier import (
     pick_device,
     to_inputs,
 )
-from backend.encoding import N_CHANNELS, encode_wafers, one_hot, resize_nearest
+from backend.encoding import (
+    N_CHANNELS,
+    encode_wafers,
+    one_hot,
+    picture_colours,
+    render_picture,
+    resize_nearest,
+)
+from backend.images import data_url, model_input, png_bytes
 from backend.label_config import LabelConfig
 from backend.model_store import ModelStore
 from backend.service import WaferLabelingService
@@ -348,6 +361,49 @@ def predict_http(client: FlaskClient, bodies: Sequence[bytes]) -> Work:
     return run
 
 
+def rgb_picture_url(die_map: npt.NDArray[np.uint8]) -> str:
+    """A wafer's picture as drawn before palette PNGs: an RGB PNG data URL (same look)."""
+    return data_url(png_bytes(picture_colours(render_picture(die_map))))
+
+
+def palette_picture_url(die_map: npt.NDArray[np.uint8]) -> str:
+    """A wafer's picture as `import-sets` draws it now: a palette PNG data URL."""
+    return data_url(png_bytes(render_picture(die_map)))
+
+
+def picture_works(wafers: WaferMaps, size: int) -> tuple[dict[str, Work], dict[str, float]]:
+    """Works drawing+encoding every wafer's picture (``encode_rgb``, ``encode_palette``) and
+    decoding each kind back to the (size, size) model input (``decode_rgb``,
+    ``decode_palette``), and the mean data-URL length of each kind.
+
+    The decodes are checked once: both kinds give the die map's model input, or RuntimeError.
+    """
+    maps = [wafers.die_map(i) for i in range(len(wafers))]
+    urls = {
+        "rgb": [rgb_picture_url(m) for m in maps],
+        "palette": [palette_picture_url(m) for m in maps],
+    }
+    http = httpx.Client()
+
+    def decode(values: Sequence[str]) -> list[npt.NDArray[np.uint8]]:
+        return [
+            model_input(v, http, label_studio_url=None, api_key=None, size=size) for v in values
+        ]
+
+    expected = encode_wafers(wafers, size)
+    for kind, values in urls.items():
+        if not np.array_equal(np.stack(decode(values)), expected):
+            raise RuntimeError(f"the {kind} pictures do not decode to the wafers' model input")
+    works: dict[str, Work] = {
+        "encode_rgb": lambda: [rgb_picture_url(m) for m in maps],
+        "encode_palette": lambda: [palette_picture_url(m) for m in maps],
+        "decode_rgb": lambda: decode(urls["rgb"]),
+        "decode_palette": lambda: decode(urls["palette"]),
+    }
+    lengths = {kind: float(np.mean([len(v) for v in values])) for kind, values in urls.items()}
+    return works, lengths
+
+
 def plain_training(
     network: nn.Module,
     codes: torch.Tensor,
@@ -584,6 +640,16 @@ def _ratios(
         key=lambda f: f["batch"],
     )
     ratios["engine_vs_study_way"] = engine["wafers_per_s"] / figures["study_way"]["wafers_per_s"]
+    pictures = figures["pictures"]
+    for step in ("encode", "decode"):
+        ratios[f"picture_{step}_palette_vs_rgb"] = (
+            pictures[f"{step}_palette_wafers_per_s"] / pictures[f"{step}_rgb_wafers_per_s"]
+        )
+        basis[f"picture_{step}_palette_vs_rgb"] = (
+            "draw + PNG + data URL per wafer"
+            if step == "encode"
+            else f"data URL -> model input ({pictures['input']} x {pictures['input']}) per wafer"
+        ) + f", palette over RGB pictures of the same {pictures['wafers']:,} wafers"
     basis["engine_vs_study_way"] = (
         f"engine predict {backbone} at {engine['input']}, batch {engine['batch']} over the "
         f"study's way ({STUDY_BACKBONE} at {figures['study_way']['input']}, batch 1, fp32)"
@@ -622,7 +688,18 @@ def run_bench(
     label_config_xml = settings.label_config_path.read_text()
     n_predict = whole_batches(plan.predict_wafers, max(plan.batch_sizes))
     log(f"rendering {n_predict:,} wafer pictures as data-URL PNG tasks ...")
-    tasks = label_studio_tasks(data.wafers.subset(np.arange(n_predict)), labels, data.source)
+    predict_wafers = data.wafers.subset(np.arange(n_predict))
+    tasks = label_studio_tasks(predict_wafers, labels, data.source)
+    log(f"pictures of {n_predict:,} wafers: palette and RGB PNGs drawn, encoded, decoded ...")
+    works, lengths = picture_works(predict_wafers, plan.image_size)
+    best = fastest(torch.device("cpu"), works, plan.repeats)
+    figures["pictures"] = {
+        "wafers": n_predict,
+        "input": plan.image_size,
+        **{f"{name}_s": seconds for name, seconds in best.items()},
+        **{f"{name}_wafers_per_s": n_predict / seconds for name, seconds in best.items()},
+        **{f"data_url_chars_{kind}": chars for kind, chars in lengths.items()},
+    }
     for name in ("raw_forward", "engine_predict", "predict_http"):
         figures[name] = []
     for backbone in plan.backbones:
@@ -731,9 +808,29 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     else:
         lines.append("wafer cache: not measured (no cache)")
     lines.append(f"this process's peak RSS: {result['peak_rss_mib']:,.0f} MiB")
+    pictures = f.get("pictures")
+    if pictures:
+        lines += [
+            "",
+            f"| pictures of {pictures['wafers']:,} wafers, wafers/s | palette PNG | RGB PNG |",
+            "|---|---:|---:|",
+        ]
+        for step, what in (("encode", "draw + PNG + data URL"), ("decode", "-> model input")):
+            lines.append(
+                f"| {what} | {pictures[f'{step}_palette_wafers_per_s']:,.0f} | "
+                f"{pictures[f'{step}_rgb_wafers_per_s']:,.0f} |"
+            )
+        lines.append(
+            f"| data URL (characters, mean) | {pictures['data_url_chars_palette']:,.0f} | "
+            f"{pictures['data_url_chars_rgb']:,.0f} |"
+        )
     lines += ["", "| ratio | value | target | met | basis |", "|---|---:|---:|---|---|"]
     ratios, basis = result["ratios"], result["ratio_basis"]
-    for name in ("predict_http_vs_raw", "train_engine_vs_plain", "engine_vs_study_way"):
+    names: tuple[str, ...] = ("predict_http_vs_raw", "train_engine_vs_plain", "engine_vs_study_way")
+    names += tuple(
+        n for n in ("picture_encode_palette_vs_rgb", "picture_decode_palette_vs_rgb") if n in ratios
+    )
+    for name in names:
         target = TARGETS.get(name)
         met = "" if target is None else ("yes" if ratios[name] >= target else "NO")
         shown = "" if target is None else f">= {target:.2f}"

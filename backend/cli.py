@@ -108,9 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--retrain",
-        choices=["scratch", "warm"],
+        choices=["scratch", "warm", "bounded"],
         default="scratch",
-        help="new model every set (the study) or continue the previous one",
+        help="new model every set (the study), continue the previous one on everything, or "
+        "continue it on the new set plus a class-balanced replay within --phase-budget",
+    )
+    sim.add_argument(
+        "--phase-budget",
+        type=int,
+        help="--retrain bounded: samples per retraining (default: epochs x new wafers)",
+    )
+    sim.add_argument(
+        "--replay-per-new-wafer",
+        type=float,
+        default=1.0,
+        help="--retrain bounded: earlier wafers replayed per new wafer (1.0)",
     )
     sim.add_argument(
         "--loops",
@@ -131,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="confidence of the calibrated accuracy bound (0.9; 0.5 = point estimate)",
     )
     sim.add_argument("--validation-fraction", type=float, default=0.1)
-    sim.add_argument("--balance", choices=["sqrt", "inverse", "none"], default="sqrt")
+    sim.add_argument(
+        "--balance",
+        choices=["sqrt", "inverse", "none"],
+        default="none",
+        help="class balance of training draws: none (default, the real mix), sqrt or inverse",
+    )
     sim.add_argument("--no-augment", action="store_true", help="no rotations/mirrorings")
     sim.add_argument("--out", type=Path, default=Path("runs/study"), help="run directory")
 
@@ -190,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wafers.add_argument("--seed", type=int, default=0)
     wafers.add_argument("--source", help="data.source of the wafers (default: the file's stem)")
+    for command in (imp, wafers):
+        command.add_argument(
+            "--pictures",
+            type=Path,
+            help="write the wafer pictures as PNG files into this folder (under Label Studio's "
+            "LOCAL_FILES_DOCUMENT_ROOT, served by its local-files storage) instead of data URLs "
+            "inside the tasks",
+        )
 
     train = sub.add_parser("train", help="train a first model offline and serve it")
     _add_data_flags(train)
@@ -242,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         "SQLite), sqlite, postgresql, or a postgresql://user:password@host:port/db admin URL",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (wiped)")
+    demo.add_argument(
+        "--first-model-wafers",
+        type=int,
+        default=17_295,
+        help="labelled history (set 0) the first model is trained on offline, once, cached "
+        "(17295: the study's initial 10%%); 0: the worker trains on a --subsample's set 0",
+    )
+    demo.add_argument("--set-size", type=int, default=2_000, help="wafers per set (2000)")
+    demo.add_argument("--first-model-epochs", type=int, default=3, help="(3)")
 
     load = sub.add_parser("load-test", help="bounded /predict load on a backend on loopback")
     load.add_argument("--clients", type=int, default=20, help="client threads (20)")
@@ -258,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (cpu)"
     )
+    loop = sub.add_parser(
+        "bench-loop",
+        help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
+    )
+    loop.add_argument("--history", type=int, default=0, help="set 0 wafers (0: all but set 1)")
+    loop.add_argument("--held-out", type=int, default=17_295, help="set 1 wafers (17295)")
+    loop.add_argument("--unlabelled", type=int, default=20_000, help="set 2 wafers (20000)")
+    loop.add_argument("--train-wafers", type=int, default=17_295, help="first model's (17295)")
+    loop.add_argument("--epochs", type=int, default=2, help="first model's epochs (2)")
+    loop.add_argument("--database", default="auto", help="auto | postgresql | sqlite (auto)")
+    loop.add_argument("--out", type=Path, default=Path("bench-loop"), help="output folder")
+    _add_data_flags(loop)
     return parser
 
 
@@ -317,6 +363,9 @@ def _run(args: argparse.Namespace) -> int:
             label_studio_port=args.label_studio_port,
             simulate_engineers=args.simulate_engineers,
             database=args.database,
+            first_model_wafers=args.first_model_wafers,
+            set_size=args.set_size,
+            first_model_epochs=args.first_model_epochs,
         )
         return main_demo(config, settings, labels, wafers)
     if args.command == "load-test":
@@ -332,6 +381,21 @@ def _run(args: argparse.Namespace) -> int:
     from backend.study import torch_threads
 
     torch_threads()
+    if args.command == "bench-loop":
+        from backend.bench_loop import LoopBenchConfig
+        from backend.bench_loop import main as bench_loop
+
+        return bench_loop(
+            LoopBenchConfig(
+                history=args.history,
+                held_out=args.held_out,
+                unlabelled=args.unlabelled,
+                train_wafers=args.train_wafers,
+                epochs=args.epochs,
+                database=args.database,
+                out=args.out,
+            )
+        )
     if args.command == "bench":
         return _bench(args, settings, labels)
     if args.command == "train":
@@ -387,6 +451,8 @@ def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
         balance=args.balance,
         augment=not args.no_augment,
         retrain=args.retrain,
+        phase_budget=args.phase_budget,
+        replay_per_new_wafer=args.replay_per_new_wafer,
         validation_fraction=args.validation_fraction,
         loops=tuple(x.strip() for x in args.loops.split(",") if x.strip()),
         target_accuracy=args.target_accuracy,

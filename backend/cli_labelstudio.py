@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,7 @@ from backend.training import TrainConfig
 from backend.wafer_sets import (
     INITIAL_SET,
     ImportOutcome,
+    PictureFiles,
     cut_into_sets,
     import_sets,
     import_wafers,
@@ -40,6 +42,7 @@ from backend.wafer_sets import (
     source_name,
     write_truth,
 )
+from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
 
 
@@ -77,7 +80,16 @@ def run_label_studio_command(
                 seed=args.seed,
             )
             write_truth(args.truth, plan)
-            imported = import_sets(client, project, plan, labels, args.only, report=_say)
+            imported = import_sets(
+                client,
+                project,
+                plan,
+                labels,
+                args.only,
+                report=_say,
+                store=WaferStore.for_project(settings.model_dir, project),
+                pictures=picture_files(args.pictures, settings, client, project),
+            )
             total = sum(len(ids) for ids in imported.values())
             print(f"imported {total} wafers into project {project}; truth in {args.truth}")
             return 0
@@ -93,6 +105,23 @@ def run_label_studio_command(
         queued = request_advance(Redis.from_url(settings.redis_url), project)
         print("queued" if queued else "a step is already queued", f"for project {project}")
         return 0
+
+
+def picture_files(
+    folder: Path | None, settings: Settings, client: LabelStudioClient, project: int
+) -> PictureFiles | None:
+    """`--pictures DIR`: picture files under DIR, which Label Studio is told to serve."""
+    if folder is None:
+        return None
+    if settings.local_files_root is None:
+        raise ValueError(
+            "--pictures needs LOCAL_FILES_DOCUMENT_ROOT: the folder Label Studio serves local "
+            "files from (start it with LOCAL_FILES_SERVING_ENABLED=true and the same variable)"
+        )
+    pictures = PictureFiles(folder, settings.local_files_root)
+    pictures.folder.mkdir(parents=True, exist_ok=True)
+    client.connect_local_files(project, pictures.folder)
+    return pictures
 
 
 def _select_rows(wafers: WaferMaps, args: argparse.Namespace) -> npt.NDArray[np.intp]:
@@ -143,7 +172,17 @@ def import_wafer_file(
         f"{sum(len(s) for s in sets):,} wafers of {source} in {len(sets)} "
         f"{'initial set' if args.initial else 'new sets'}"
     )
-    return import_wafers(client, project, wafers, labels, sets, source=source, initial=args.initial)
+    return import_wafers(
+        client,
+        project,
+        wafers,
+        labels,
+        sets,
+        source=source,
+        initial=args.initial,
+        store=WaferStore.for_project(settings.model_dir, project),
+        pictures=picture_files(args.pictures, settings, client, project),
+    )
 
 
 def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:

@@ -26,14 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from redis import Redis
 
+from backend.classifier import pick_device
 from backend.engineers import SetOutcome, label_uncertain, set_outcome, wait_until_idle
+from backend.first_model import cached_first_model, history_from_wafers
 from backend.jobs import QUEUES, WORKER_CLASS
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
+from backend.loop_keys import request_advance
+from backend.model_store import ModelStore
 from backend.ops import ENGINEER_VIEW, wire_project
 from backend.settings import Settings
+from backend.splits import StudySplit, stratified_sample
 from backend.stack import (
     Credentials,
     create_user,
@@ -44,7 +50,16 @@ from backend.stack import (
     running_worker,
     wait_for_worker,
 )
-from backend.wafer_sets import import_sets, plan_sets, read_truth, write_truth
+from backend.training import TrainConfig
+from backend.wafer_sets import (
+    INITIAL_SET,
+    SetPlan,
+    import_sets,
+    plan_sets,
+    read_truth,
+    write_truth,
+)
+from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
 
 PROJECT_TITLE = "Wafer maps (demo)"
@@ -65,6 +80,12 @@ class DemoConfig:
     #: Label Studio's database: auto (PostgreSQL on 127.0.0.1:5432 when it answers), sqlite,
     #: postgresql, or an admin URL (backend.label_studio_db).
     database: str = "auto"
+    #: The labelled history the first model is trained on, offline (the study's initial 10%:
+    #: 17,295 wafers); 0 keeps the old way (the worker trains on a subsample's set 0).
+    first_model_wafers: int = 17_295
+    #: Wafers per set after the history (with `first_model_wafers`).
+    set_size: int = 2_000
+    first_model_epochs: int = 3
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,80 @@ def _service_env(settings: Settings, ls_url: str, token: str, redis_url: str) ->
     return env
 
 
+def demo_plan(wafers: WaferMaps, config: DemoConfig) -> SetPlan:
+    """With a first model: set 0 is a stratified `first_model_wafers` of the labelled wafers (the
+    history), sets 1..N are `set_size` random others each. Without: the study's split of a
+    `subsample` (`plan_sets`)."""
+    if config.first_model_wafers <= 0:
+        return plan_sets(
+            wafers,
+            subsample=config.subsample,
+            initial_fraction=config.initial_fraction,
+            n_sets=config.sets,
+            seed=config.seed,
+        )
+    rng = np.random.default_rng(config.seed)
+    initial = stratified_sample(wafers.labels, config.first_model_wafers / len(wafers), rng)
+    rest = rng.permutation(np.setdiff1d(np.arange(len(wafers)), initial))
+    if len(rest) < config.sets * config.set_size:
+        raise ValueError(
+            f"{len(rest):,} wafers left after the history; {config.sets} sets of "
+            f"{config.set_size:,} need {config.sets * config.set_size:,}"
+        )
+    sets = tuple(
+        np.sort(rest[i * config.set_size : (i + 1) * config.set_size]) for i in range(config.sets)
+    )
+    return SetPlan(wafers, StudySplit(initial, sets))
+
+
+def publish_first_model(
+    config: DemoConfig,
+    settings: Settings,
+    labels: LabelConfig,
+    plan: SetPlan,
+    project: int,
+    say: Callable[[str], None],
+) -> None:
+    """Train (or take from the cache) the first model on set 0 and serve it for the project."""
+    store = WaferStore.for_project(settings.model_dir, project)
+    set0 = store.read_set(INITIAL_SET, labels.failure_types)
+    task_of = dict(zip(set0.maps.source_row.tolist(), set0.task_ids.tolist(), strict=True))
+    history = history_from_wafers(
+        plan.wafers.subset(plan.members(INITIAL_SET)),
+        settings.image_size,
+        subsample=1.0,
+        seed=config.seed,
+        task_ids=task_of,
+        origin=f"the demo's set 0 ({len(set0):,} wafers)",
+    )
+    device = pick_device(settings.device)
+    models = ModelStore.for_project(settings.model_dir, project, device)
+    say(
+        f"first model: {settings.backbone} at {settings.image_size}x{settings.image_size} on "
+        f"{len(history):,} labelled wafers, {config.first_model_epochs} epochs (trained once, "
+        "then cached); Label Studio is up meanwhile"
+    )
+    started = time.monotonic()
+    classifier, cached = cached_first_model(
+        history,
+        labels,
+        settings,
+        TrainConfig(epochs=config.first_model_epochs, seed=config.seed),
+        version=models.next_version("set0"),
+        project=project,
+        device=device,
+        cache_dir=settings.cache_dir,
+        data_identity=f"{settings.data_path.name}:{settings.data_path.stat().st_size}",
+    )
+    models.publish(classifier)
+    accuracy = classifier.card.metrics.get("validation_accuracy")
+    say(
+        f"first model {classifier.card.version} "
+        f"{'from the cache' if cached else f'trained in {time.monotonic() - started:.0f} s'}"
+        + (f", validation accuracy {accuracy:.2%}" if accuracy is not None else "")
+    )
+
+
 def _clear_loop_state(redis: Redis) -> None:
     """Forget the loop keys and queued jobs of an earlier demo (its projects are gone)."""
     from rq import Queue
@@ -119,13 +214,7 @@ def run_demo(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     settings = dataclasses.replace(settings, model_dir=out / "models")
-    plan = plan_sets(
-        wafers,
-        subsample=config.subsample,
-        initial_fraction=config.initial_fraction,
-        n_sets=config.sets,
-        seed=config.seed,
-    )
+    plan = demo_plan(wafers, config)
     truth_path = write_truth(out / "truth.csv", plan)
     say(
         f"wafer sets: initial {len(plan.split.initial)}, "
@@ -147,19 +236,39 @@ def run_demo(
         engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
         env = _service_env(settings, ls.url, auto.token, redis_url)
         backend_url = stack.enter_context(running_backend(env, free_port(), out / "backend.log"))
-        stack.enter_context(
-            running_worker(env, redis_url, QUEUES, out / "worker.log", worker_class=WORKER_CLASS)
-        )
-        wait_for_worker(redis_url, QUEUES, timeout=60)
+
+        def start_worker() -> None:
+            stack.enter_context(
+                running_worker(
+                    env, redis_url, QUEUES, out / "worker.log", worker_class=WORKER_CLASS
+                )
+            )
+            wait_for_worker(redis_url, QUEUES, timeout=60)
+
+        if not config.first_model_wafers:
+            start_worker()
         service = dataclasses.replace(
             settings, label_studio_url=ls.url, label_studio_api_key=auto.token
         )
-        with LabelStudioClient.connect(ls.url, ls.api_key) as admin:
-            wiring = wire_project(admin, service, PROJECT_TITLE, backend_url)
         with LabelStudioClient.connect(ls.url, auto.token) as backend_account:
-            import_sets(backend_account, wiring.project, plan, labels, report=say)
             auto_user = backend_account.current_user_id()
+            with LabelStudioClient.connect(ls.url, ls.api_key) as admin:
+                wiring = wire_project(admin, service, PROJECT_TITLE, backend_url, auto_user)
+            import_sets(
+                backend_account,
+                wiring.project,
+                plan,
+                labels,
+                report=say,
+                store=WaferStore.for_project(settings.model_dir, wiring.project),
+            )
         _print_login(ls.url, ls.admin, engineer, wiring.project, wiring.views, out, say)
+        if config.first_model_wafers:
+            # The worker starts once the first model is served, so it opens set 1 with it
+            # instead of training its own on set 0 (the import's events wait in Redis).
+            publish_first_model(config, settings, labels, plan, wiring.project, say)
+            start_worker()
+            request_advance(redis, wiring.project)
         (out / "logins.json").write_text(
             json.dumps({"url": ls.url, "admin": ls.admin.__dict__, "engineer": engineer.__dict__})
         )
@@ -169,7 +278,11 @@ def run_demo(
             while True:
                 time.sleep(3600)
         truth = read_truth(truth_path)
-        say("training the first model on the initial set and opening set 1 ...")
+        say(
+            "opening set 1 with the first model ..."
+            if config.first_model_wafers
+            else "training the first model on the initial set and opening set 1 ..."
+        )
         wait_until_idle(redis, wiring.project, config.set_timeout_s)
         with (
             LabelStudioClient.connect(ls.url, engineer.token) as person,

@@ -110,8 +110,9 @@ def set_outcome(
     versions: set[str] = set()
     for task in client.tasks_of_set(project, set_number):
         data: dict[str, Any] = task.get("data") or {}
-        if data.get("model_version"):
-            versions.add(str(data["model_version"]))
+        versions.update(
+            str(p["model_version"]) for p in task.get("predictions") or [] if p.get("model_version")
+        )
         annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         if not annotations:
             waiting += 1

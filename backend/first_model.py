@@ -20,9 +20,13 @@ out by the same hash of their wafer id. Import set 0 first for the exact match.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +34,13 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import (
+    ModelCard,
+    WaferClassifier,
+    build_network,
+    load_version,
+    save_version,
+)
 from backend.encoding import resize_nearest
 from backend.images import ImageError
 from backend.label_config import LabelConfig
@@ -46,6 +56,8 @@ from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.uncertainty import Measure
 from backend.wafer_sets import INITIAL_SET
 from backend.wafers import WaferMaps
+
+log = logging.getLogger(__name__)
 
 #: The set a first model counts as trained through.
 TRAINED_THROUGH = INITIAL_SET
@@ -240,3 +252,69 @@ def train_first_model(
         metrics |= calibration
     card = dataclasses.replace(card, metrics=metrics)
     return WaferClassifier(network=network, card=card, device=device), figures
+
+
+def first_model_cache_key(
+    history: History, settings: Settings, config: TrainConfig, data_identity: str
+) -> str:
+    """What a cached first model depends on: the wafers and their holdout keys, the labels, the
+    network and its input, the training settings and the routing settings of its card."""
+    digest = hashlib.sha256()
+    for part in (
+        data_identity,
+        settings.backbone,
+        str(settings.image_size),
+        str(settings.weights_path),
+        str(settings.validation_fraction),
+        settings.route_measure,
+        str(settings.target_accuracy),
+        json.dumps(config.to_dict(), sort_keys=True),
+    ):
+        digest.update(part.encode() + b"\0")
+    for array in (history.codes, history.classes, history.holdout_keys, history.by_person):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_first_model(
+    history: History,
+    labels: LabelConfig,
+    settings: Settings,
+    config: TrainConfig,
+    *,
+    version: str,
+    project: int,
+    device: torch.device,
+    cache_dir: Path,
+    data_identity: str,
+    progress: bool = True,
+) -> tuple[WaferClassifier, bool]:
+    """`train_first_model`, trained once per `first_model_cache_key` and kept in
+    `cache_dir/first-models/` (written atomically); returns (classifier, taken from the cache).
+    The card names `version` and `project` whichever run trained it."""
+    path = (
+        cache_dir
+        / "first-models"
+        / (first_model_cache_key(history, settings, config, data_identity) + ".pt")
+    )
+    if path.is_file():
+        try:
+            cached = load_version(path, device)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            log.warning("cached first model %s unreadable (%s): training again", path, exc)
+        else:
+            training = dict(cached.card.training) | {"project": project}
+            card = dataclasses.replace(cached.card, version=version, training=training)
+            return WaferClassifier(network=cached.network, card=card, device=device), True
+    classifier, _ = train_first_model(
+        history,
+        labels,
+        settings,
+        config,
+        version=version,
+        project=project,
+        device=device,
+        progress=progress,
+    )
+    save_version(classifier, path)
+    return classifier, False

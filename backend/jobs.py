@@ -163,8 +163,13 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
                     )
                 done.append(preannotate_set(bench, project, step.set_number, classifier))
                 continue
-            if open_set is not None and card is not None:
-                left = unaccepted_wafers(bench.client, project, open_set, card.version)
+            routing = (
+                bench.wafers.routing(open_set, card.version)
+                if open_set is not None and card is not None
+                else None
+            )
+            if open_set is not None and card is not None and routing is not None:
+                left = unaccepted_wafers(bench.client, project, open_set, routing.cut)
                 if left:
                     # The pre-annotation stored every prediction but its accept step did not
                     # finish (Label Studio unreachable, a crash): finish it, exactly once.
@@ -173,7 +178,12 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
                         "accepted (an interrupted accept step): accepting them"
                     )
                     outcome = accept_confident(
-                        bench.client, project, open_set, card.version, bench.auto_user
+                        bench.client,
+                        project,
+                        open_set,
+                        card.version,
+                        bench.auto_user,
+                        routing.cut,
                     )
                     done.append({"action": "accept", "set": open_set, **outcome.__dict__})
             done.append({"action": "wait", "set": step.set_number})

@@ -16,12 +16,14 @@ What Label Studio does in reply to these calls, as measured against 1.23.2:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -46,6 +48,10 @@ WEBHOOK_ACTIONS: tuple[str, ...] = (
 IMPORT_CHUNK = 500
 #: Tasks fetched per page when listing.
 PAGE_SIZE = 500
+#: Seconds an export of every labelled task may take (about 10 minutes for 190,000 here).
+EXPORT_TIMEOUT = 3600
+#: Task ids fetched per page by `task_ids` (ids only: small pages would only add round trips).
+ID_PAGE_SIZE = 5000
 #: Label Studio 1.23.2's own Data Manager columns of a task (besides `data.*`, the task data), in
 #: its order. A tab that names hidden columns shows every other one, these included.
 LABEL_STUDIO_TASK_COLUMNS: tuple[str, ...] = (
@@ -91,6 +97,7 @@ class FilterOperator(StrEnum):
     IN = "in"
     NOT_IN = "not_in"
     CONTAINS = "contains"
+    NOT_CONTAINS = "not_contains"
     EMPTY = "empty"
 
 
@@ -127,6 +134,21 @@ def set_filter(set_number: int) -> TaskFilter:
 def unlabelled_filter() -> TaskFilter:
     """Tasks without an annotation."""
     return TaskFilter("total_annotations", FilterOperator.EQUAL, "Number", 0)
+
+
+def predicted_by(version: str) -> TaskFilter:
+    """Tasks holding a prediction of model `version`."""
+    return TaskFilter("predictions_model_versions", FilterOperator.CONTAINS, "List", [version])
+
+
+def not_predicted_by(version: str) -> TaskFilter:
+    """Tasks without a prediction of model `version`."""
+    return TaskFilter("predictions_model_versions", FilterOperator.NOT_CONTAINS, "List", [version])
+
+
+def score_at_least(cut: float) -> TaskFilter:
+    """Tasks whose prediction score (of the project's model version) is at least `cut`."""
+    return TaskFilter("predictions_score", FilterOperator.GREATER_OR_EQUAL, "Number", float(cut))
 
 
 def _bare_column(column: str) -> str:
@@ -328,6 +350,30 @@ class LabelStudioClient:
         with self._call(f"setting model version of project {project}"):
             self._sdk.projects.update(id=project, model_version=version)
 
+    # ---- storages ---------------------------------------------------------------------------
+
+    def connect_local_files(self, project: int, folder: Path) -> int:
+        """Let Label Studio serve the picture files under `folder` to the project (a local-files
+        import storage over it; Label Studio answers 404 for `/data/local-files/?d=...` until
+        one covers the folder). Idempotent; returns the storage id. Label Studio must run with
+        LOCAL_FILES_SERVING_ENABLED=true and LOCAL_FILES_DOCUMENT_ROOT above `folder`."""
+        path = str(folder)
+        with self._call(f"reading the local storages of project {project}"):
+            found = self._sdk.import_storage.local.list(project=project)
+        for storage in found:
+            if storage.path == path and storage.id is not None:
+                return int(storage.id)
+        with self._call(f"adding local storage {path} to project {project}"):
+            made = self._sdk.import_storage.local.create(
+                project=project,
+                path=path,
+                use_blob_urls=True,
+                title="wafer pictures",
+            )
+        if made.id is None:
+            raise LabelStudioError(f"Label Studio made the local storage {path} without an id")
+        return int(made.id)
+
     # ---- ML backend and webhooks ------------------------------------------------------------
 
     def connect_ml_backend(
@@ -510,6 +556,15 @@ class LabelStudioClient:
             )
             return [_task_dict(task) for task in pager]
 
+    def view_page(self, project: int, view: int, page_size: int = 30) -> list[dict[str, Any]]:
+        """The first page of a Data Manager tab, as the tab shows it to an engineer (its
+        filters and ordering; `page_size` tasks)."""
+        with self._call(f"reading the first page of view {view} of project {project}"):
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project, view=view, page=1, page_size=page_size
+            )
+            return [_task_dict(task) for task in itertools.islice(pager, page_size)]
+
     def first_task(self, project: int, filters: Sequence[TaskFilter]) -> dict[str, Any] | None:
         """The lowest-id task matching all `filters` (without its annotations), or None.
 
@@ -555,6 +610,63 @@ class LabelStudioClient:
                 data = task.data or {}
                 found.append((int(task.id), {k: data[k] for k in keys if k in data}))
         return found
+
+    def labelled_tasks(self, project: int) -> list[dict[str, Any]]:
+        """Every task with at least one annotation, from Label Studio's JSON export: id, data,
+        annotations (with `completed_by` as the user id, `updated_by`, `parent_prediction`,
+        `was_cancelled`, `result`), in one streamed request.
+
+        The export gives predictions as ids only, so the tasks come WITHOUT `predictions`
+        (an engineer's edit of an auto label is still seen through `updated_by`). Measured on
+        Label Studio 1.23.2 on PostgreSQL (2 cores): 15,219 labelled tasks in 48.6 s (313
+        tasks/s; the Data Manager listing of the same took 118.6 s).
+        """
+        with self._call(f"exporting the labelled tasks of project {project}"):
+            body = b"".join(
+                self._sdk.projects.exports.download_sync(
+                    project,
+                    export_type="JSON",
+                    download_all_tasks=False,
+                    download_resources=False,
+                    request_options={"timeout_in_seconds": EXPORT_TIMEOUT},
+                )
+            )
+        try:
+            tasks = json.loads(body)
+        except ValueError as exc:
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: the export of project {project} is not JSON ({exc})"
+            ) from None
+        if not isinstance(tasks, list):
+            raise LabelStudioError(
+                f"Label Studio at {self.url}: the export of project {project} is not a task list"
+            )
+        found: list[dict[str, Any]] = []
+        for task in tasks:
+            if not isinstance(task, dict):
+                continue
+            task["predictions"] = []
+            for annotation in task.get("annotations") or []:
+                for key in ("completed_by", "updated_by"):
+                    user = annotation.get(key)
+                    if isinstance(user, Mapping):
+                        annotation[key] = user.get("id")
+            found.append(task)
+        return found
+
+    def task_ids(self, project: int, filters: Sequence[TaskFilter] = ()) -> list[int]:
+        """The ids of the tasks matching all `filters`, ascending, without any task content.
+
+        Asks Label Studio for the `id` field alone (`include=id`), so neither the pictures nor
+        the annotations travel. Measured on Label Studio 1.23.2 on PostgreSQL (2 cores): the
+        17,295 ids of one set in 11.7 s (1,480 tasks/s; with their pictures, 93 s).
+        """
+        query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
+        with self._call(f"listing task ids of project {project}"):
+            pager: Iterable[Any] = self._sdk.tasks.list(
+                project=project, query=query, include="id", page_size=ID_PAGE_SIZE
+            )
+            return sorted(int(task.id) for task in pager)
 
     def tasks_of_set(
         self, project: int, set_number: int, *, only_unlabelled: bool = False

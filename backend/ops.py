@@ -10,18 +10,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.jobs import SetState, set_states
+from backend.jobs import SetState
 from backend.label_config import parse_label_config
 from backend.labelstudio import (
     LABEL_STUDIO_TASK_COLUMNS,
     FilterOperator,
     LabelStudioClient,
     TaskFilter,
+    predicted_by,
+    score_at_least,
+    set_filter,
     unlabelled_filter,
 )
 from backend.model_store import ModelStore
 from backend.settings import Settings
-from backend.uncertainty import Measure
 from backend.wafer_sets import INITIAL_SET
 
 #: Data Manager tabs the set-up command creates (title -> purpose).
@@ -29,18 +31,9 @@ ENGINEER_VIEW = "Engineer queue: most uncertain first"
 AUTO_VIEW = "Auto labels"
 UNREADABLE_VIEW = "Unreadable pictures"
 BACKEND_TITLE = "wafermap-resnet"
-#: The task-data column of each routing measure.
-MEASURE_COLUMN = {
-    Measure.MARGIN: "data.margin",
-    Measure.LEAST_CONFIDENCE: "data.least_confidence",
-    Measure.ENTROPY: "data.entropy",
-}
-#: The Data Manager column each measure is sorted by, most uncertain first.
-UNCERTAIN_FIRST = {
-    Measure.MARGIN: "data.margin",
-    Measure.LEAST_CONFIDENCE: "-data.least_confidence",
-    Measure.ENTROPY: "-data.entropy",
-}
+#: What the engineer queue sorts by, most uncertain first: the prediction score (how sure the
+#: model is by the routing measure, `backend.routing.sureness`), lowest first.
+UNCERTAIN_FIRST = "tasks:predictions_score"
 #: Task data the import (`set`, `source`, `wafer_id`, `lot`, `wafer_index`, `image`) and the
 #: pre-annotation (the rest) write: each is a Data Manager column a tab shows or hides.
 WAFER_DATA_COLUMNS = (
@@ -86,16 +79,11 @@ def tab_columns(shown: Sequence[str]) -> tuple[str, ...]:
     return tuple(c for c in (*LABEL_STUDIO_TASK_COLUMNS, *WAFER_DATA_COLUMNS) if c not in shown)
 
 
-def engineer_columns(measure: Measure) -> tuple[str, ...]:
-    """What an engineer sees first: the wafer, the model's guess, how unsure it is, where from."""
-    return (
-        "data.image",
-        "data.predicted",
-        MEASURE_COLUMN[measure],
-        "data.score",
-        "data.set",
-        "data.lot",
-    )
+def engineer_columns() -> tuple[str, ...]:
+    """What an engineer sees first: the wafer, the model's guess, how sure it is, where from.
+
+    Label Studio 1.23.2 puts its own columns (the guess and the score) before the task data."""
+    return ("predictions_score", "predictions_results", "data.image", "data.set", "data.lot")
 
 
 @dataclass(frozen=True)
@@ -114,7 +102,11 @@ def _route_is(route: str) -> TaskFilter:
 
 
 def wire_project(
-    client: LabelStudioClient, settings: Settings, title: str, backend_url: str
+    client: LabelStudioClient,
+    settings: Settings,
+    title: str,
+    backend_url: str,
+    auto_user: int | None = None,
 ) -> Wiring:
     """Find or create the project, connect the backend, register its webhook, make the views.
 
@@ -148,19 +140,27 @@ def wire_project(
         token = base64.b64encode(":".join(settings.basic_auth).encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     webhook = client.register_webhook(project, f"{url}/webhook", headers)
-    views = make_views(client, project, Measure(settings.route_measure))
+    # The backend's account (whose labels are the auto labels): this client's user by default.
+    backend_user = client.current_user_id() if auto_user is None else auto_user
+    views = make_views(client, project, backend_user)
     return Wiring(project, created, backend_id, webhook, views)
 
 
-def make_views(client: LabelStudioClient, project: int, measure: Measure) -> dict[str, int]:
+def has_prediction() -> TaskFilter:
+    """Tasks holding a prediction of the project's model version (scores are 0..1)."""
+    return score_at_least(0.0)
+
+
+def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[str, int]:
     """Create or update the three Data Manager tabs (title -> view id).
 
-    The engineer queue shows unlabelled wafers routed to engineers, most uncertain first by
-    `measure`, with the picture as a thumbnail, the model's guess, the measure, the score, set
-    and lot, and nothing else. The auto labels tab adds who annotated (the backend's account);
-    the unreadable-pictures tab shows where each wafer came from and why it failed.
+    The engineer queue shows the unlabelled wafers the served model predicted (the open set's
+    wafers it did not accept), most uncertain first (prediction score ascending), with the
+    score, the model's guess, the picture as a thumbnail, set and lot, and nothing else. The
+    auto labels tab lists the wafers labelled by the backend's account (`auto_user`); the
+    unreadable-pictures tab shows where each wafer came from and why it failed.
     """
-    shown = engineer_columns(measure)
+    shown = engineer_columns()
     auto_shown = (*shown, "annotators")
     unreadable_shown = (
         "data.image",
@@ -169,20 +169,21 @@ def make_views(client: LabelStudioClient, project: int, measure: Measure) -> dic
         "data.wafer_id",
         "data.prediction_error",
     )
+    by_backend = TaskFilter("annotators", FilterOperator.CONTAINS, "List", int(auto_user))
     return {
         ENGINEER_VIEW: client.create_view(
             project,
             ENGINEER_VIEW,
-            [unlabelled_filter(), _route_is("engineer")],
-            [UNCERTAIN_FIRST[measure]],
+            [unlabelled_filter(), has_prediction()],
+            [UNCERTAIN_FIRST],
             hidden_columns=tab_columns(shown),
             column_types=NUMBER_COLUMNS,
         ),
         AUTO_VIEW: client.create_view(
             project,
             AUTO_VIEW,
-            [_route_is("auto")],
-            [UNCERTAIN_FIRST[measure]],
+            [by_backend],
+            [UNCERTAIN_FIRST],
             hidden_columns=tab_columns(auto_shown),
             column_types=NUMBER_COLUMNS,
         ),
@@ -206,12 +207,44 @@ def project_id(client: LabelStudioClient, title_or_id: str) -> int:
     return found
 
 
+def set_counts(
+    client: LabelStudioClient, project: int, auto_user: int, version: str | None
+) -> dict[int, SetState]:
+    """Per set, from Label Studio's own counts (four count queries a set, whatever its size;
+    no task is listed): wafers, waiting (no annotation), labelled by the backend's account
+    (`auto_user`), predicted by `version`. Set 0's labels count as known; in later sets a label
+    by anyone but the backend is an engineer's (an auto label an engineer edited counts as auto
+    here, unlike in retraining, which reads each annotation)."""
+    states: dict[int, SetState] = {}
+    number = INITIAL_SET
+    while True:
+        in_set = set_filter(number)
+        total = client.count_tasks(project, [in_set])
+        if total == 0:
+            return states
+        waiting = client.count_tasks(project, [in_set, unlabelled_filter()])
+        by_backend = TaskFilter("annotators", FilterOperator.CONTAINS, "List", int(auto_user))
+        auto = 0 if number == INITIAL_SET else client.count_tasks(project, [in_set, by_backend])
+        predicted = client.count_tasks(project, [in_set, predicted_by(version)]) if version else 0
+        labelled = total - waiting
+        states[number] = SetState(
+            number=number,
+            total=total,
+            auto=auto,
+            engineer=0 if number == INITIAL_SET else labelled - auto,
+            known=labelled if number == INITIAL_SET else 0,
+            waiting=waiting,
+            predicted=predicted,
+        )
+        number += 1
+
+
 def project_status(
     client: LabelStudioClient, store: ModelStore, project: int
 ) -> tuple[dict[int, SetState], list[dict[str, Any]]]:
     """Per set counts and the stored model versions with their validation figures."""
     version = store.current_version()
-    states = set_states(client.tasks(project), client.current_user_id(), version)
+    states = set_counts(client, project, client.current_user_id(), version)
     versions: list[dict[str, Any]] = []
     for name in store.versions():
         try:

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from backend.classifier import WaferClassifier
 from backend.label_config import LabelConfig
-from backend.routing import Route, RoutingRule
+from backend.routing import Route, RoutingRule, ScoredRoutes, scored_routes
 from backend.uncertainty import entropy, least_confidence, margin
 
 #: `WaferPrediction.route` of a task that could not be predicted.
@@ -43,8 +43,11 @@ class WaferPrediction:
 
     ``route`` is ``"auto"`` or ``"engineer"`` (from the routing rule) for a predicted task and
     ``"error"`` for one whose picture could not be read; then ``error`` holds the reason and the
-    prediction fields are None / empty. ``score`` is the largest class probability. ``margin``
-    is ``p1 - p2`` (higher = more certain), the other two measures are higher = less certain.
+    prediction fields are None / empty. ``score`` is how sure the model is by the routing
+    rule's measure (`backend.routing.sureness`: max p, p1 - p2 or exp(-entropy); low = look at
+    it first), made so that exactly the auto-routed wafers of a batch score at least the batch's
+    cut (`backend.routing.scored_routes`). ``margin`` is ``p1 - p2`` (higher = more certain),
+    the other two measures are higher = less certain.
     """
 
     task_id: int | None
@@ -109,30 +112,26 @@ def check_failure_types(classifier: WaferClassifier, labels: LabelConfig) -> Non
         )
 
 
-def predict_tasks(
+def read_pictures(
     tasks: Sequence[Mapping[str, Any]],
     classifier: WaferClassifier,
     labels: LabelConfig,
-    rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     fetch: Callable[[str], npt.NDArray[np.uint8]],
-) -> list[WaferPrediction]:
-    """One `WaferPrediction` per task, in task order.
-
-    Pictures are fetched one by one; a task whose picture cannot be read (``fetch`` raising
-    ValueError, e.g. `backend.images.ImageError`, or returning the wrong shape) gets route
-    ``"error"`` and the others go on. The readable ones are predicted in ONE batched
-    ``predict_proba`` call; an error there (the model itself failing) propagates.
-    """
-    check_failure_types(classifier, labels)
+    stored: Mapping[int, npt.NDArray[np.uint8]] | None = None,
+) -> list[npt.NDArray[np.uint8] | WaferPrediction]:
+    """Each task's picture as the model's (S, S) die codes, or, for a task whose picture cannot
+    be read (``fetch`` raising ValueError, e.g. `backend.images.ImageError`, or returning the
+    wrong shape or values), its failed `WaferPrediction` (route ``"error"``); in task order.
+    A task whose id is in `stored` (die codes from the wafer store) is not fetched at all."""
     size = classifier.card.image_size
-    names = classifier.card.failure_types
-    out: list[WaferPrediction | None] = [None] * len(tasks)
-    readable: list[int] = []
-    codes: list[npt.NDArray[np.uint8]] = []
+    out: list[npt.NDArray[np.uint8] | WaferPrediction] = []
     for i, task in enumerate(tasks):
         task_id = _task_id(task)
+        known = None if stored is None or task_id is None else stored.get(task_id)
         try:
-            picture = np.asarray(fetch(_image_value(task, labels.image_value)))
+            picture = np.asarray(
+                known if known is not None else fetch(_image_value(task, labels.image_value))
+            )
             if picture.shape != (size, size):
                 raise ValueError(
                     f"the picture became die codes of shape {picture.shape}, not ({size}, {size})"
@@ -141,37 +140,84 @@ def predict_tasks(
                 raise ValueError(f"die codes must be 0, 1 or 2, found {int(picture.max())}")
         except ValueError as exc:
             where = f"task {task_id}" if task_id is not None else f"task #{i}"
-            out[i] = _failed(task_id, f"{where}: {exc}")
+            out.append(_failed(task_id, f"{where}: {exc}"))
             continue
-        readable.append(i)
-        codes.append(picture.astype(np.uint8, copy=False))
+        out.append(picture.astype(np.uint8, copy=False))
+    return out
 
+
+def predict_tasks(
+    tasks: Sequence[Mapping[str, Any]],
+    classifier: WaferClassifier,
+    labels: LabelConfig,
+    rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
+    fetch: Callable[[str], npt.NDArray[np.uint8]],
+    stored: Mapping[int, npt.NDArray[np.uint8]] | None = None,
+) -> list[WaferPrediction]:
+    """One `WaferPrediction` per task, in task order.
+
+    Pictures are fetched one by one (`read_pictures`; tasks in `stored` take their die codes
+    from there); a task whose picture cannot be read gets route ``"error"`` and the others go
+    on. The readable ones are predicted in ONE batched `predict_codes` call; an error there
+    (the model itself failing) propagates.
+    """
+    check_failure_types(classifier, labels)
+    read = read_pictures(tasks, classifier, labels, fetch, stored)
+    readable = [i for i, r in enumerate(read) if not isinstance(r, WaferPrediction)]
+    out: list[WaferPrediction | None] = [
+        r if isinstance(r, WaferPrediction) else None for r in read
+    ]
     if readable:
-        probs = classifier.predict_proba(np.stack(codes))
-        lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
-        # A callable picks the rule from the batch's probabilities (calibration to the set).
-        chosen = rule if isinstance(rule, RoutingRule) else rule(probs)
-        routes = chosen.routes(probs)
-        best = probs.argmax(axis=1)
-        for row, i in enumerate(readable):
-            out[i] = WaferPrediction(
-                task_id=_task_id(tasks[i]),
-                failure_type=names[int(best[row])],
-                score=float(probs[row, best[row]]),
-                probabilities={name: float(p) for name, p in zip(names, probs[row], strict=True)},
-                least_confidence=float(lc[row]),
-                margin=float(mg[row]),
-                entropy=float(en[row]),
-                route=Route(str(routes[row])).value,
-            )
+        codes = np.stack([r for r in read if not isinstance(r, WaferPrediction)])
+        predicted, _ = predict_codes(
+            [_task_id(tasks[i]) for i in readable], codes, classifier, rule
+        )
+        for i, p in zip(readable, predicted, strict=True):
+            out[i] = p
     return [p for p in out if p is not None]
+
+
+def predict_codes(
+    task_ids: Sequence[int | None],
+    codes: npt.NDArray[np.uint8],
+    classifier: WaferClassifier,
+    rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
+    *,
+    progress: str | None = None,
+) -> tuple[list[WaferPrediction], ScoredRoutes]:
+    """Predict die codes (n, S, S) in batches, route them, and score them (`scored_routes`).
+
+    `rule` may be a callable that picks the rule from all n wafers' probabilities (the
+    calibration to the set). `progress` names a progress bar on stderr.
+    """
+    names = classifier.card.failure_types
+    probs = classifier.predict_proba(codes, progress=progress)
+    lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
+    chosen = rule if isinstance(rule, RoutingRule) else rule(probs)
+    routed = scored_routes(probs, chosen)
+    best = probs.argmax(axis=1)
+    auto, engineer = Route.AUTO.value, Route.ENGINEER.value
+    predicted = [
+        WaferPrediction(
+            task_id=task_id,
+            failure_type=names[int(best[row])],
+            score=float(routed.scores[row]),
+            probabilities={name: float(p) for name, p in zip(names, probs[row], strict=True)},
+            least_confidence=float(lc[row]),
+            margin=float(mg[row]),
+            entropy=float(en[row]),
+            route=auto if routed.auto[row] else engineer,
+        )
+        for row, task_id in enumerate(task_ids)
+    ]
+    return predicted, routed
 
 
 def to_label_studio(p: WaferPrediction, labels: LabelConfig, model_version: str) -> dict[str, Any]:
     """One entry of the ``/predict`` response ``results`` list for Label Studio 1.23.2.
 
     A predicted task: ``{"result": [{from_name, to_name, "type": "choices", "value":
-    {"choices": [failure type]}}], "score": max probability, "model_version": ...}`` (low score =
+    {"choices": [failure type]}}], "score": sureness, "model_version": ...}`` (low score =
     uncertain, so Label Studio's score filter and sort find the wafers to look at first).
     A task that could not be predicted: ``{"model_version": ..., "error": message}`` without a
     ``result`` (see the module docstring for why). ``model_version`` must equal what ``/setup``

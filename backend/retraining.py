@@ -22,16 +22,19 @@ from rq import get_current_job
 
 from backend.calibration import calibrate
 from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.encoding import encode_wafers
 from backend.images import ImageError
-from backend.labelstudio import FilterOperator, TaskFilter
 from backend.loop_state import (
     annotations_of,
     label_of,
     labelled_by_person,
     serving_rule,
+    set_number_of,
+    trained_through,
 )
+from backend.replay import RetrainPolicy, plan_retraining
 from backend.splits import stable_holdout
-from backend.training import TrainConfig, logit_adjustment, train_network
+from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
 from backend.uncertainty import Measure, uncertainty
 from backend.workbench import Workbench
 
@@ -85,19 +88,18 @@ class TrainingExamples:
     task_ids: npt.NDArray[np.int64]
     by_person: npt.NDArray[np.bool_]
     skipped: dict[str, int]
+    #: `data.set` of each wafer's task (0 when it has none).
+    set_numbers: npt.NDArray[np.int64]
 
 
 def training_examples(
     bench: Workbench, tasks: Sequence[Mapping[str, Any]], size: int
 ) -> TrainingExamples:
-    """Every annotated wafer; unreadable pictures and labels outside the labeling config are
-    skipped and counted."""
-    fetch = bench.fetch(size)
-    codes: list[npt.NDArray[np.uint8]] = []
-    classes: list[int] = []
-    ids: list[int] = []
-    by_person: list[bool] = []
+    """Every annotated wafer, by task id; die maps from the project's wafer store, pictures
+    read back only for tasks without an entry there. Unreadable pictures and labels outside the
+    labeling config are skipped and counted."""
     skipped: Counter[str] = Counter()
+    labelled: dict[int, tuple[int, bool, Mapping[str, Any]]] = {}
     for task in tasks:
         failure_type = label_of(task, bench.labels, bench.auto_user)
         if failure_type is None:
@@ -106,22 +108,38 @@ def training_examples(
             skipped["unknown_failure_type"] += 1
             log.warning("task %s: unknown failure type %r skipped", task.get("id"), failure_type)
             continue
-        try:
-            picture = fetch((task.get("data") or {}).get(bench.labels.image_value, ""))
-        except ImageError as exc:
-            skipped["unreadable_picture"] += 1
-            log.warning("task %s: %s", task.get("id"), exc)
-            continue
-        codes.append(picture)
-        classes.append(bench.labels.failure_types.index(failure_type))
-        ids.append(int(task["id"]))
-        by_person.append(labelled_by_person(task, bench.auto_user))
+        labelled[int(task["id"])] = (
+            bench.labels.failure_types.index(failure_type),
+            labelled_by_person(task, bench.auto_user),
+            task,
+        )
+    sets = {n for _, _, t in labelled.values() if (n := set_number_of(t)) is not None}
+    stored = bench.wafers.lookup(sets, labelled, bench.labels.failure_types)
+    parts = [encode_wafers(stored.maps, size)]
+    ids = [int(t) for t in stored.task_ids]
+    missing = sorted(set(labelled) - set(ids))
+    if missing:
+        log.info(
+            "%d labelled wafers are not in the wafer store: reading their pictures", len(missing)
+        )
+        fetch = bench.fetch(size)
+        for task_id in missing:
+            data = labelled[task_id][2].get("data") or {}
+            try:
+                picture = fetch(data.get(bench.labels.image_value, ""))
+            except ImageError as exc:
+                skipped["unreadable_picture"] += 1
+                log.warning("task %s: %s", task_id, exc)
+                continue
+            parts.append(picture[None])
+            ids.append(task_id)
     return TrainingExamples(
-        codes=np.stack(codes) if codes else np.zeros((0, size, size), np.uint8),
-        classes=np.asarray(classes, dtype=np.int64),
+        codes=np.concatenate(parts) if ids else np.zeros((0, size, size), np.uint8),
+        classes=np.asarray([labelled[i][0] for i in ids], dtype=np.int64),
         task_ids=np.asarray(ids, dtype=np.int64),
-        by_person=np.asarray(by_person, dtype=np.bool_),
+        by_person=np.asarray([labelled[i][1] for i in ids], dtype=np.bool_),
         skipped=dict(skipped),
+        set_numbers=np.asarray([set_number_of(labelled[i][2]) or 0 for i in ids], dtype=np.int64),
     )
 
 
@@ -132,8 +150,8 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     s = bench.settings
     current = bench.store.load_current()
     size = current.card.image_size if current is not None else s.image_size
-    labelled = TaskFilter("total_annotations", FilterOperator.GREATER, "Number", 0)
-    tasks = [t for t in bench.client.tasks(project, [labelled]) if annotations_of(t)]
+    report_stage("listing labelled wafers")
+    tasks = [t for t in bench.client.labelled_tasks(project) if annotations_of(t)]
     examples = training_examples(bench, tasks, size)
     codes, classes, skipped = examples.codes, examples.classes, examples.skipped
     if len(codes) < 2:
@@ -161,18 +179,47 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     )
     config = TrainConfig(epochs=s.epochs, seed=seed)
     report_stage("training")
-    report = train_network(
-        network, codes[train], classes[train], n_classes, config, bench.store.device
+    # Bounded retraining (`backend.replay`): a model that continues the served one trains on
+    # the wafers labelled since it was trained plus a class-balanced replay of earlier ones,
+    # with a compute budget that grows with the new wafers only, and early stopping on the
+    # person-labelled hold-out. A fresh network trains on everything.
+    since = trained_through(current.card) if warm and current is not None else None
+    plan = (
+        plan_retraining(
+            classes,
+            examples.by_person,
+            examples.set_numbers > since,
+            examples.task_ids,
+            RetrainPolicy(
+                samples_per_new_wafer=float(s.epochs), validation_fraction=s.validation_fraction
+            ),
+            np.random.default_rng(seed),
+        )
+        if since is not None
+        else None
     )
+    bounded = plan is not None and plan.new >= 2
+    if plan is not None and bounded:
+        report, adjust = train_bounded(
+            network, codes, classes, plan, n_classes, config, bench.store.device
+        )
+        train = plan.train  # val stays the whole stable person hold-out (calibration)
+    else:
+        report = train_network(
+            network, codes[train], classes[train], n_classes, config, bench.store.device
+        )
+        adjust = logit_adjustment(classes[train], n_classes, config.balance)
     version = bench.store.next_version(f"set{set_number}")
     card = ModelCard(
         version=version,
         failure_types=bench.labels.failure_types,
         image_size=size,
         backbone=s.backbone,
-        logit_adjustment=tuple(logit_adjustment(classes[train], n_classes, config.balance)),
+        logit_adjustment=tuple(float(a) for a in adjust),
         training=config.to_dict()
         | {
+            "samples": report.samples,
+            "bounded": bounded,
             "trained_through_set": set_number,
             "project": project,
             "train_wafers": len(train),

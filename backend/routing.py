@@ -108,3 +108,47 @@ def engineer_order(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.int
     """Wafer indices, most uncertain first; equal scores keep their original (index) order."""
     scores = uncertainty(probs, measure)
     return np.asarray(np.argsort(-scores, kind="stable"), dtype=np.intp)
+
+
+def sureness(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.float64]:
+    """How sure the model is of each wafer, by the routing measure, in [0, 1] (higher = surer):
+    ``max p`` (least confidence), ``p1 - p2`` (margin), ``exp(-entropy)`` (entropy).
+
+    A decreasing function of the measure's uncertainty score, so sorting by it ascending lists
+    the wafers most uncertain first. It is the score a prediction carries into Label Studio.
+    """
+    scores = uncertainty(probs, measure)
+    if measure is Measure.ENTROPY:
+        return np.asarray(np.exp(-scores), dtype=np.float64)
+    return np.asarray(1.0 - scores, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ScoredRoutes:
+    """Each wafer's score and route, made so that ``route is auto`` exactly when
+    ``score >= cut``: a query on the score alone (Label Studio's ``predictions_score``) then
+    selects exactly the wafers the rule sends to an automatic label. ``cut`` is None when the
+    rule sends every wafer to an engineer."""
+
+    scores: npt.NDArray[np.float64]
+    auto: npt.NDArray[np.bool_]
+    cut: float | None
+
+
+def scored_routes(probs: npt.ArrayLike, rule: RoutingRule) -> ScoredRoutes:
+    """`sureness` by the rule's measure, with the rule's routes and the cut between them.
+
+    The sureness of an engineer wafer can round to the same float as that of the least sure
+    auto wafer (only at the rule's boundary); such a score is moved one float step down, so the
+    cut separates the routes exactly.
+    """
+    scores = sureness(probs, rule.measure)
+    auto = ~rule.needs_engineer(probs)
+    if not auto.any():
+        return ScoredRoutes(scores, auto, None)
+    cut = float(scores[auto].min())
+    ties = ~auto & (scores >= cut)
+    if ties.any():
+        scores = scores.copy()
+        scores[ties] = np.nextafter(cut, -np.inf)
+    return ScoredRoutes(scores, auto, cut)

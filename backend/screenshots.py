@@ -63,6 +63,11 @@ _PICTURE_DRAWN_JS = """
 })
 """
 _TEXT_JS = "document.querySelector('.lsf-main-view, .lsf-main-content')?.innerText ?? ''"
+# The failure types checked when the labeling screen opens (the model's guess, pre-selected).
+_SELECTED_JS = """
+Array.from(document.querySelectorAll('.lsf-choices input:checked'))
+  .map(i => (i.closest('label')?.innerText ?? i.value ?? '').trim())
+"""
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,11 @@ class Screens:
     #: Whether each is wholly in sight without scrolling (not below the fold, not covered).
     choices_in_sight: bool
     picture_in_sight: bool
-    #: The labeling screen's text (the model's guess line, the choices, ...).
+    #: The labeling screen's text (the headers, the choices, ...).
     labeling_text: str = field(repr=False)
+    #: The failure types checked when the screen opened (Label Studio pre-selects the
+    #: prediction's choice: the model's guess), as their labels read.
+    selected: list[str] = field(default_factory=list)
 
 
 def take_screenshots(
@@ -132,6 +140,7 @@ def take_screenshots(
             choices_in_sight=page.shows(CHOICES),
             picture_in_sight=page.shows(PICTURE),
             labeling_text=str(page.evaluate(_TEXT_JS)),
+            selected=[str(x) for x in page.evaluate(_SELECTED_JS) or []],
         )
 
 

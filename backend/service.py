@@ -36,6 +36,7 @@ from backend.loop_state import serving_rule, set_number_of, trained_through
 from backend.model_store import ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
 from backend.settings import Settings
+from backend.wafer_store import WaferStore
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,11 @@ class WaferLabelingService:
         current = [t for t, skip in zip(tasks, later, strict=True) if not skip]
         fetch = _Fetch(self._http, self.settings, classifier.card.image_size)
         rule = partial(serving_rule, self.settings, classifier.card)
-        predictions = predict_tasks(current, classifier, self.labels, rule, fetch)
+        # Tasks imported with the wafer store need no picture: their die maps are there.
+        stored = WaferStore.for_project(self.settings.model_dir, number).task_codes(
+            current, classifier.card.image_size, classifier.card.failure_types
+        )
+        predictions = predict_tasks(current, classifier, self.labels, rule, fetch, stored)
         summary = failure_summary(predictions)
         if summary is not None:
             log.warning("predict for project %d: %s", number, summary)

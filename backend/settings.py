@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ENVIRONMENT = {
     "WAFER_DATA": "wafer-map file: LSWMD.pkl, LSWMD.zip or .npz (default ../shared/data/wm811k/LSWMD.zip)",
     "WAFER_CACHE_DIR": "where converted wafer data is cached (default ~/.cache/wafermap-labeling)",
+    "LOCAL_FILES_DOCUMENT_ROOT": "Label Studio's local-files root (import --pictures writes there)",
     "LABEL_CONFIG": "Label Studio labeling config holding the failure types (default label_config.xml)",
     "WAFER_IMAGE_SIZE": "model input size S in pixels (default 64)",
     "WAFER_BACKBONE": "resnet50 (default) or resnet18",
@@ -118,6 +119,8 @@ class Settings:
     max_tasks: int = 20_000
     predict_requests: int = 20
     require_auth: bool = False
+    #: Label Studio's LOCAL_FILES_DOCUMENT_ROOT, where `--pictures` folders must lie.
+    local_files_root: Path | None = None
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -190,6 +193,9 @@ class Settings:
             max_tasks=_int(environ, "WAFER_MAX_TASKS", 20_000),
             predict_requests=_int(environ, "WAFER_PREDICT_REQUESTS", 20),
             require_auth=_flag(environ, "WAFER_REQUIRE_AUTH"),
+            local_files_root=Path(environ["LOCAL_FILES_DOCUMENT_ROOT"]).expanduser()
+            if environ.get("LOCAL_FILES_DOCUMENT_ROOT")
+            else None,
         )
 
     def require_label_studio(self) -> tuple[str, str]:

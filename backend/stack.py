@@ -264,6 +264,10 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
     return creds
 
 
+#: Label Studio 1.23.2's feature flag for its batched `import/predictions` path (env override).
+PREDICTION_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+
+
 def server_environment(
     data_dir: Path,
     files_root: Path,
@@ -295,6 +299,11 @@ def server_environment(
             "SSRF_PROTECTION_ENABLED": "false",
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
+            # Label Studio's batched prediction import (its own feature flag, off by default):
+            # `import_predictions` without the per-prediction label-config validation of its
+            # legacy path (backend.preannotation stores only results the backend built from
+            # the project's own labeling config).
+            PREDICTION_IMPORT_FLAG: "true",
             "PYTHONUNBUFFERED": "1",
         }
     )

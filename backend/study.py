@@ -14,6 +14,13 @@ Baselines that need no loop of their own, computed on the same split:
   that measure's predictions (its labels are not fed back);
 - Active Learning: engineers label everything.
 Set 1 is predicted by one model trained on the initial set, shared by every loop.
+Retraining (`retrain`): `scratch` trains a new model on every labelled wafer (the study),
+`warm` continues the previous model on every labelled wafer, `bounded` continues it on the
+wafers of the newest set plus a class-balanced replay of earlier ones, within a per-phase
+sample budget that does not grow with the history, early stopping on held-out wafers that a
+person labelled (backend.replay). Each phase records the samples its training saw, its
+seconds, and the model's accuracy and macro-F1 on its held-out wafers and on the set it
+predicts (`set_accuracy`, `set_macro_f1`: the model alone, before any engineer).
 A run writes one file per finished phase under DIR/phases and resumes from them.
 """
 
@@ -45,22 +52,31 @@ from backend.classifier import (
 )
 from backend.encoding import encode_wafers
 from backend.label_config import LabelConfig
+from backend.metrics import confusion_matrix, macro_f1
+from backend.replay import RetrainPolicy, plan_retraining
 from backend.report import SetOutcome, markdown, summarize
 from backend.routing import STUDY_RULES, RoutingRule
 from backend.splits import (
     SetOrder,
     StudySplit,
+    stable_holdout,
     stratified_sample,
     stratified_train_val,
     study_split,
 )
-from backend.training import TrainConfig, logit_adjustment, train_network
+from backend.training import (
+    TrainConfig,
+    TrainReport,
+    logit_adjustment,
+    train_bounded,
+    train_network,
+)
 from backend.uncertainty import Measure, uncertainty
 from backend.wafers import WaferMaps
 
 STUDY_LOOPS = ("least-confidence", "margin", "entropy")
 ALL_LOOPS = (*STUDY_LOOPS, "calibrated", "auto-labeling")
-RETRAIN = ("scratch", "warm")
+RETRAIN = ("scratch", "warm", "bounded")
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,13 @@ class StudyConfig:
     epochs: int = 5
     batch_size: int = 64
     learning_rate: float = 1e-3
-    balance: str = "sqrt"
+    balance: str = "none"
     augment: bool = True
     retrain: str = "scratch"
+    #: Bounded retraining (backend.replay): samples per retraining (None: epochs x new wafers)
+    #: and replayed earlier wafers per new wafer.
+    phase_budget: int | None = None
+    replay_per_new_wafer: float = 1.0
     validation_fraction: float = 0.1
     loops: tuple[str, ...] = ALL_LOOPS
     target_accuracy: float = 0.995
@@ -99,6 +119,16 @@ class StudyConfig:
             raise ValueError(f"unknown loops {sorted(unknown)}; choose from {', '.join(ALL_LOOPS)}")
         if self.sets < 1:
             raise ValueError("need at least one wafer set")
+        self.retrain_policy()  # checks the bounded-retraining settings
+
+    def retrain_policy(self) -> RetrainPolicy:
+        """What `--retrain bounded` trains on and how long (backend.replay)."""
+        return RetrainPolicy(
+            phase_budget=self.phase_budget,
+            samples_per_new_wafer=float(self.epochs),
+            replay_per_new_wafer=self.replay_per_new_wafer,
+            validation_fraction=self.validation_fraction,
+        )
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -152,7 +182,9 @@ class Study:
         wanted = self.config.to_json()
         if config_file.exists():
             saved = json.loads(config_file.read_text())
-            changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            # settings added after a run was started count as their defaults
+            defaults = StudyConfig().to_json()
+            changed = sorted(k for k in wanted if saved.get(k, defaults.get(k)) != wanted[k])
             if changed:
                 raise ValueError(
                     f"{self.out} holds a study run with other settings ({', '.join(changed)}); "
@@ -204,6 +236,14 @@ class Study:
             np.random.SeedSequence([self.config.seed, loop_id, set_number]).generate_state(1)[0]
         )
 
+    def initial_train_val(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Wafer indices (into `self.wafers`) of the initial set's training and held-out parts,
+        exactly as the initial model of a run with this config splits them."""
+        members = self.split.initial
+        rng = np.random.default_rng(self._seed("initial", 0))
+        train, val = stratified_train_val(self.true[members], self.config.validation_fraction, rng)
+        return members[train], members[val]
+
     def train_phase(
         self,
         members: npt.NDArray[np.intp],
@@ -211,14 +251,19 @@ class Study:
         seed: int,
         desc: str,
         start_from: WaferClassifier | None = None,
+        held_out: npt.NDArray[np.bool_] | None = None,
     ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
-        """Train on `members` with `labels` (stratified hold-out for validation).
+        """Train on `members` with `labels` (stratified hold-out for validation, or the wafers
+        marked in `held_out`).
 
         Returns the classifier, its probabilities and labels on the held-out wafers, and timings.
         """
         c = self.config
         rng = np.random.default_rng(seed)
-        train, val = stratified_train_val(labels, c.validation_fraction, rng)
+        if held_out is None:
+            train, val = stratified_train_val(labels, c.validation_fraction, rng)
+        else:
+            train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
         if start_from is not None:
             network = start_from.network
         else:
@@ -249,21 +294,85 @@ class Study:
             logit_adjustment=tuple(logit_adjustment(labels[train], self.n_classes, c.balance)),
             training=tc.to_dict() | {"wafers": len(train)},
         )
+        return self._finish(network, card, report, members[val], labels[val], len(train))
+
+    def _finish(
+        self,
+        network: torch.nn.Module,
+        card: ModelCard,
+        report: TrainReport,
+        val_members: npt.NDArray[np.intp],
+        val_labels: npt.NDArray[np.int64],
+        train_wafers: int,
+    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+        """The trained model, its held-out probabilities and labels, and the phase's figures."""
         model = WaferClassifier(network=network, card=card, device=self.device)
         start = time.perf_counter()
-        val_probs = model.predict_proba(self.codes[members[val]])
+        val_probs = model.predict_proba(self.codes[val_members])
         info = {
-            "train_wafers": len(train),
-            "validation_wafers": len(val),
+            "train_wafers": train_wafers,
+            "validation_wafers": len(val_members),
             "train_seconds": report.seconds,
+            "train_cpu_seconds": report.cpu_seconds,
+            "train_samples": report.samples,
             "train_wafers_per_second": report.samples_per_second,
-            "validation_accuracy": float(np.mean(val_probs.argmax(1) == labels[val]))
-            if len(val)
-            else float("nan"),
             "final_loss": report.loss_per_epoch[-1],
             "validation_predict_seconds": time.perf_counter() - start,
+        } | {f"validation_{k}": v for k, v in model_scores(val_probs, val_labels).items()}
+        return model, val_probs, val_labels, info
+
+    def train_bounded_phase(
+        self,
+        members: npt.NDArray[np.intp],
+        labels: npt.NDArray[np.int64],
+        by_person: npt.NDArray[np.bool_],
+        is_new: npt.NDArray[np.bool_],
+        seed: int,
+        desc: str,
+        start_from: WaferClassifier,
+    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+        """Continue `start_from` on the new wafers plus a replay sample (backend.replay),
+        within the phase budget, early stopping on held-out person-labelled wafers."""
+        c = self.config
+        plan = plan_retraining(
+            labels, by_person, is_new, members, c.retrain_policy(), np.random.default_rng(seed)
+        )
+        tc = TrainConfig(
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            learning_rate=c.learning_rate,
+            balance=c.balance,
+            augment=c.augment,
+            seed=seed,
+        )
+        codes = self.codes[members]
+        report, adjust = train_bounded(
+            start_from.network, codes, labels, plan, self.n_classes, tc, self.device, desc
+        )
+        card = ModelCard(
+            version=desc,
+            failure_types=self.labels.failure_types,
+            image_size=c.image_size,
+            backbone=c.backbone,
+            logit_adjustment=tuple(adjust),
+            training=tc.to_dict() | {"wafers": len(plan.train), "budget": plan.budget},
+        )
+        model, val_probs, val_true, info = self._finish(
+            start_from.network,
+            card,
+            report,
+            members[plan.validation],
+            labels[plan.validation],
+            len(plan.train),
+        )
+        info |= {
+            "new_wafers": plan.new,
+            "replay_wafers": plan.replay,
+            "phase_budget": plan.budget,
+            "best_samples": report.best_samples,
+            "validation_losses": list(report.validation_losses),
         }
-        return model, val_probs, labels[val], info
+        return model, val_probs, val_true, info
 
     def route(
         self,
@@ -326,6 +435,7 @@ class Study:
 
         Trained once per run directory; later calls (and resumed runs) read it back.
         """
+        c = self.config
         model_path = self.out / "models" / "initial.pt"
         held_out = self.out / "phases" / "initial.npz"
         if model_path.exists() and held_out.exists():
@@ -337,8 +447,19 @@ class Study:
                     json.loads(str(data["info"])),
                 )
         members = self.split.initial
+        # A bounded run continues this model and checks it on a stable held-out share of the
+        # person-labelled wafers, so this model must not have trained on that share either.
+        person_check = (
+            stable_holdout(members, c.validation_fraction) if c.retrain == "bounded" else None
+        )
+        if person_check is not None and (person_check.all() or not person_check.any()):
+            person_check = None
         model, val_probs, val_true, info = self.train_phase(
-            members, self.true[members], self._seed("initial", 0), "initial set"
+            members,
+            self.true[members],
+            self._seed("initial", 0),
+            "initial set",
+            held_out=person_check,
         )
         save_version(model, model_path)
         held_out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,6 +505,7 @@ class Study:
         c = self.config
         labelled = [self.split.initial]
         labels = [self.true[self.split.initial]]
+        by_person = [np.ones(len(self.split.initial), dtype=bool)]
         latest = self.out / "models" / f"{loop}.pt"
         done: list[Phase] = []
         for k, members in enumerate(self.split.sets, start=1):
@@ -396,32 +518,50 @@ class Study:
                     info = dict(info)
                 else:
                     start_from = None
-                    if c.retrain == "warm":
+                    if c.retrain in ("warm", "bounded"):
                         start_from = load_version(
                             latest if latest.exists() else self.out / "models" / "initial.pt",
                             self.device,
                         )
-                    model, val_probs, val_true, info = self.train_phase(
-                        np.concatenate(labelled),
-                        np.concatenate(labels),
-                        self._seed(loop, k),
-                        f"{loop} set {k}",
-                        start_from=start_from,
-                    )
+                    if c.retrain == "bounded" and start_from is not None:
+                        is_new = [np.zeros(len(m), dtype=bool) for m in labelled]
+                        is_new[-1][:] = True
+                        model, val_probs, val_true, info = self.train_bounded_phase(
+                            np.concatenate(labelled),
+                            np.concatenate(labels),
+                            np.concatenate(by_person),
+                            np.concatenate(is_new),
+                            self._seed(loop, k),
+                            f"{loop} set {k}",
+                            start_from,
+                        )
+                    else:
+                        model, val_probs, val_true, info = self.train_phase(
+                            np.concatenate(labelled),
+                            np.concatenate(labels),
+                            self._seed(loop, k),
+                            f"{loop} set {k}",
+                            start_from=start_from,
+                        )
                 t0 = time.perf_counter()
                 probs = model.predict_proba(self.codes[members], progress=f"predict set {k}")
+                info |= {
+                    f"set_{name}": value
+                    for name, value in model_scores(probs, self.true[members]).items()
+                }
                 info["predict_seconds"] = time.perf_counter() - t0
                 info["predict_wafers_per_second"] = len(members) / max(
                     info["predict_seconds"], 1e-9
                 )
                 engineer, threshold, notes = self.route(loop, probs, val_probs, val_true)
                 phase = Phase(probs, engineer, threshold, info | notes)
-                if c.retrain == "warm":
+                if c.retrain in ("warm", "bounded"):
                     save_version(model, latest)
                 self._save_phase(path, phase)
             done.append(phase)
             labelled.append(members)
             labels.append(np.where(phase.engineer, self.true[members], phase.probs.argmax(1)))
+            by_person.append(np.asarray(phase.engineer, dtype=np.bool_).reshape(-1))
             progress.update()
         return done
 
@@ -535,6 +675,14 @@ class Study:
             self.out / "auto_label_confusion.png",
         )
         return results
+
+
+def model_scores(probs: npt.NDArray[np.float64], true: npt.NDArray[np.int64]) -> dict[str, float]:
+    """The model's own accuracy and macro-F1 (argmax against the truth, no engineer)."""
+    if not len(true):
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    cm = confusion_matrix(true, probs.argmax(1), probs.shape[1])
+    return {"accuracy": float(np.trace(cm) / cm.sum()), "macro_f1": macro_f1(cm)}
 
 
 def json_safe(value: Any) -> Any:

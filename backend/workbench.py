@@ -26,6 +26,7 @@ from backend.labelstudio import (
     FilterOperator,
     LabelStudioClient,
     TaskFilter,
+    not_predicted_by,
     set_filter,
     unlabelled_filter,
 )
@@ -33,6 +34,7 @@ from backend.loop_keys import job_heartbeat, project_lock
 from backend.model_store import ModelStore
 from backend.settings import Settings
 from backend.wafer_sets import INITIAL_SET
+from backend.wafer_store import WaferStore
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Workbench:
     store: ModelStore
     redis: Redis
     auto_user: int
+    #: The project's stored die maps (by task id) and set routings.
+    wafers: WaferStore
     #: The rq job this workbench serves (None outside a job, e.g. the reconcile command).
     job_id: str | None = None
 
@@ -69,6 +73,7 @@ class Workbench:
             store=store,
             redis=redis,
             auto_user=auto_user,
+            wafers=WaferStore.for_project(settings.model_dir, project),
             job_id=job_id,
         )
 
@@ -137,9 +142,12 @@ def untried_wafers(client: LabelStudioClient, project: int, set_number: int, ver
     """How many wafers of the set the model `version` has not tried yet, from Label Studio itself
     (two counting queries, whatever the set's size).
 
-    Pre-annotation writes `data.model_version` into every task it tried, predicted or
-    unreadable; a wafer without it (added later, or whose TASKS_CREATED webhook was lost) waits.
+    A wafer is tried when it holds a prediction of `version`, or when its picture could not be
+    read (pre-annotation then writes `data.model_version` into it); a wafer with neither (added
+    later, or whose TASKS_CREATED webhook was lost) waits.
     """
-    tried = TaskFilter("data.model_version", FilterOperator.EQUAL, "String", version)
-    in_set = set_filter(set_number)
-    return client.count_tasks(project, [in_set]) - client.count_tasks(project, [in_set, tried])
+    unpredicted = [set_filter(set_number), not_predicted_by(version)]
+    unreadable = TaskFilter("data.model_version", FilterOperator.EQUAL, "String", version)
+    return client.count_tasks(project, unpredicted) - client.count_tasks(
+        project, [*unpredicted, unreadable]
+    )

@@ -34,11 +34,12 @@ from backend.loop_state import (
     labelled_by_person,
 )
 from backend.preannotation import accept_confident, unaccepted_wafers
-from backend.routing import Route
 from backend.stack import LabelStudioServer, create_user, free_port
 
 VERSION = "set1-v2"
 OLD_VERSION = "set0-v1"
+#: Scores of the wafers routed auto and to engineers, and the cut between them.
+AUTO_SCORE, ENGINEER_SCORE, CUT = 0.99, 0.5, 0.9
 
 pytestmark = pytest.mark.e2e
 
@@ -65,29 +66,24 @@ def make_set(
     ls: LabelStudioClient, labels: LabelConfig, n_auto: int, n_engineer: int = 2
 ) -> WaferSet:
     """A project whose set 1 is pre-annotated as the backend does it: one prediction of VERSION
-    per wafer, the route in the task data, the project pointed at VERSION."""
+    per wafer, scored at or above CUT when routed auto and below it when routed to engineers,
+    the project pointed at VERSION."""
     pid = ls.create_project(
         f"accept {uuid.uuid4().hex[:10]}", DEFAULT_LABEL_CONFIG.read_text(), "accept test"
     )
-    routes = [Route.AUTO.value] * n_auto + [Route.ENGINEER.value] * n_engineer
+    scores = [AUTO_SCORE] * n_auto + [ENGINEER_SCORE] * n_engineer
     ids = ls.import_tasks(
         pid,
         [
-            {
-                "image": "data:image/png;base64,AAAA",
-                "set": 1,
-                "wafer_index": i,
-                "route": route,
-                "model_version": VERSION,
-            }
-            for i, route in enumerate(routes)
+            {"image": "data:image/png;base64,AAAA", "set": 1, "wafer_index": i}
+            for i in range(len(scores))
         ],
     )
     ls.create_predictions(
         pid,
         [
-            {"task": t, "result": choice(labels, "Center"), "score": 0.99, "model_version": VERSION}
-            for t in ids
+            {"task": t, "result": choice(labels, "Center"), "score": s, "model_version": VERSION}
+            for t, s in zip(ids, scores, strict=True)
         ],
     )
     ls.set_model_version(pid, VERSION)
@@ -124,7 +120,7 @@ def test_an_engineers_edit_of_an_auto_label_is_the_engineers_label(
 ) -> None:
     auto_user = ls.current_user_id()
     wafers = make_set(ls, label_config, n_auto=3, n_engineer=0)
-    accept_confident(ls, wafers.project, 1, VERSION, auto_user)
+    accept_confident(ls, wafers.project, 1, VERSION, auto_user, CUT)
     corrected, confirmed, untouched = wafers.auto
 
     [annotation] = ls.task(corrected)["annotations"]
@@ -240,18 +236,26 @@ def test_accept_is_exactly_once_while_engineers_and_label_studio_race_it(
             lambda: engineer_labels(a[9]),
             lambda: label_studio_predicts(a[9], VERSION),
         ]
-        outcome = accept_confident(racing, wafers.project, 1, VERSION, auto_user)
+        outcome = accept_confident(racing, wafers.project, 1, VERSION, auto_user, CUT)
         assert not racing.after_listing and not racing.before_action
     # Deleted before the action: the stale and the duplicate prediction on a[0], a[1].
     assert outcome.predictions_deleted == 2
-    # Skipped by the action's own "no annotation" filter: a[3], a[6], a[9] (no auto label was
-    # made there, so none was deleted); made twice and repaired: a[4], a[7] (a duplicate of
-    # the served version stored after the listing).
-    assert outcome.annotations_deleted == 2
+    # Skipped by the action's own "no annotation" filter: a[3], a[6], a[9]. a[4] and a[7]
+    # gained a lower-scored duplicate of the served version after the listing: their score
+    # (the mean of both) fell below the cut, so the action left them for the next run. No
+    # wafer got two auto labels, so none was deleted.
+    assert outcome.annotations_deleted == 0
+    # They do not count as unaccepted either (their score is under the cut) until the surplus
+    # prediction is gone: they stay in the engineer queue, never labelled twice.
+    assert unaccepted_wafers(ls, wafers.project, 1, CUT) == 0
+    assert not ls.task(a[4])["annotations"] and not ls.task(a[7])["annotations"]
+    # The next run deletes their surplus predictions and accepts them, once each.
+    again = accept_confident(ls, wafers.project, 1, VERSION, auto_user, CUT)
+    assert (again.predictions_deleted, again.accepted, again.annotations_deleted) == (2, 2, 0)
     check_exactly_once(ls, wafers, auto_user, {a[2], a[3], a[6], a[9]})
-    # Running it again changes nothing.
-    again = accept_confident(ls, wafers.project, 1, VERSION, auto_user)
-    assert again.annotations_deleted == 0
+    # Running it yet again changes nothing.
+    third = accept_confident(ls, wafers.project, 1, VERSION, auto_user, CUT)
+    assert (third.predictions_deleted, third.accepted, third.annotations_deleted) == (0, 0, 0)
     check_exactly_once(ls, wafers, auto_user, {a[2], a[3], a[6], a[9]})
     # The stale and duplicate predictions on a[0] and a[1] are gone: one of VERSION each.
     for task_id in a[:2]:
@@ -292,11 +296,11 @@ def test_accept_is_exactly_once_with_engineers_labelling_concurrently(
 
     racer = threading.Thread(target=race)
     racer.start()
-    accept_confident(ls, wafers.project, 1, VERSION, auto_user)
+    accept_confident(ls, wafers.project, 1, VERSION, auto_user, CUT)
     racer.join()
     assert not failures
     # A prediction stored after the step is the next run's business: run it as the loop would.
-    accept_confident(ls, wafers.project, 1, VERSION, auto_user)
+    accept_confident(ls, wafers.project, 1, VERSION, auto_user, CUT)
     # An engineer's label stored after an auto label is a correction and stays beside it.
     tasks = {t["id"]: t for t in ls.tasks_of_set(wafers.project, 1)}
     for task_id in wafers.auto:
@@ -379,16 +383,16 @@ def test_label_studio_unreachable_during_an_accept_then_back_leaves_no_duplicate
             # Then Label Studio is unreachable: the step fails naming the server and the call.
             proxy.mode = "refuse"
             with pytest.raises(LabelStudioError) as failure:
-                accept_confident(backend, wafers.project, 1, VERSION, auto_user)
+                accept_confident(backend, wafers.project, 1, VERSION, auto_user, CUT)
             assert proxy.url in str(failure.value) and "listing tasks" in str(failure.value)
-            assert unaccepted_wafers(ls, wafers.project, 1, VERSION) == 5
+            assert unaccepted_wafers(ls, wafers.project, 1, CUT) == 5
             # Back: the re-run accepts the rest, and nothing twice.
             proxy.mode = "pass"
-            outcome = accept_confident(backend, wafers.project, 1, VERSION, auto_user)
+            outcome = accept_confident(backend, wafers.project, 1, VERSION, auto_user, CUT)
     finally:
         proxy.close()
     assert outcome.accepted == 5 and outcome.annotations_deleted == 0
-    assert unaccepted_wafers(ls, wafers.project, 1, VERSION) == 0
+    assert unaccepted_wafers(ls, wafers.project, 1, CUT) == 0
     check_exactly_once(ls, wafers, auto_user, set())
 
 
@@ -414,22 +418,19 @@ def accept_at_scale(ls: LabelStudioClient, label_config: LabelConfig) -> None:
         f"accept scale {uuid.uuid4().hex[:8]}", DEFAULT_LABEL_CONFIG.read_text(), "scale"
     )
     picture = "data:image/png;base64," + "A" * 3300
-    routes = [Route.AUTO.value] * n_auto + [Route.ENGINEER.value] * n_engineer
-    ids = ls.import_tasks(
-        pid,
-        [{"image": picture, "set": 1, "route": r, "model_version": VERSION} for r in routes],
-    )
+    scores = [AUTO_SCORE] * n_auto + [ENGINEER_SCORE] * n_engineer
+    ids = ls.import_tasks(pid, [{"image": picture, "set": 1} for _ in scores])
     items = [
-        {"task": t, "result": choice(label_config, "Center"), "score": 0.99, "model_version": v}
-        for t, v in [(t, VERSION) for t in ids]
-        + [(t, OLD_VERSION) for t in ids[:30]]
-        + [(t, VERSION) for t in ids[30:60]]
+        {"task": t, "result": choice(label_config, "Center"), "score": s, "model_version": v}
+        for t, s, v in [(t, s, VERSION) for t, s in zip(ids, scores, strict=True)]
+        + [(t, AUTO_SCORE, OLD_VERSION) for t in ids[:30]]
+        + [(t, AUTO_SCORE, VERSION) for t in ids[30:60]]
     ]
     ls.create_predictions(pid, items)
     ls.set_model_version(pid, VERSION)
     wafers = WaferSet(pid, ids[:n_auto], ids[n_auto:])
     started = time.perf_counter()
-    outcome = accept_confident(ls, pid, 1, VERSION, auto_user)
+    outcome = accept_confident(ls, pid, 1, VERSION, auto_user, CUT)
     seconds = time.perf_counter() - started
     listing_started = time.perf_counter()
     ls.tasks_of_set(pid, 1, only_unlabelled=True)

@@ -129,11 +129,30 @@ def test_bench_writes_every_figure_and_ratio(
     assert ratios["engine_vs_study_way"] == pytest.approx(
         largest["wafers_per_s"] / figures["study_way"]["wafers_per_s"], rel=1e-12
     )
+    pictures = figures["pictures"]
+    assert pictures["wafers"] == 8 and pictures["input"] == 16
+    for step in ("encode", "decode"):
+        for kind in ("rgb", "palette"):
+            assert pictures[f"{step}_{kind}_wafers_per_s"] == pytest.approx(
+                8 / pictures[f"{step}_{kind}_s"], rel=1e-12
+            )
+        assert ratios[f"picture_{step}_palette_vs_rgb"] == pytest.approx(
+            pictures[f"{step}_palette_wafers_per_s"] / pictures[f"{step}_rgb_wafers_per_s"],
+            rel=1e-12,
+        )
+    # The palette PNGs are the smaller data URLs (not a speed: their size).
+    assert pictures["data_url_chars_palette"] < pictures["data_url_chars_rgb"]
     assert positive_numbers(ratios) == []
     assert saved["targets"] == {"predict_http_vs_raw": 0.80, "train_engine_vs_plain": 0.85}
 
     text = "\n".join(report_lines(saved))
-    for name in ("predict_http_vs_raw", "train_engine_vs_plain", "engine_vs_study_way"):
+    for name in (
+        "predict_http_vs_raw",
+        "train_engine_vs_plain",
+        "engine_vs_study_way",
+        "picture_encode_palette_vs_rgb",
+        "picture_decode_palette_vs_rgb",
+    ):
         assert f"| {name} | {ratios[name]:.3f} |" in text
     assert ">= 0.80" in text and ">= 0.85" in text
     assert "Flask test client" in text

@@ -9,7 +9,16 @@ import torch
 
 from backend import classifier as clf
 from backend.classifier import ModelCard, WaferClassifier, build_network, load_version, save_version
-from backend.training import TrainConfig, class_weights, logit_adjustment, symmetries, train_network
+from backend.replay import RetrainPolicy, plan_retraining
+from backend.training import (
+    EarlyStopping,
+    TrainConfig,
+    class_weights,
+    logit_adjustment,
+    symmetries,
+    train_bounded,
+    train_network,
+)
 
 CPU = torch.device("cpu")
 
@@ -69,7 +78,7 @@ def test_training_learns_a_separable_pattern_and_predicts_probabilities() -> Non
     # monotone on a CPU whose thread count varies with load, so no ordering is asserted.
     assert report.loss_per_epoch[-1] < 0.5 * np.log(2)
     card = ModelCard(
-        "t", ("Center", "none"), 32, "resnet18", tuple(logit_adjustment(labels, 2, "sqrt"))
+        "t", ("Center", "none"), 32, "resnet18", tuple(logit_adjustment(labels, 2, config.balance))
     )
     model = WaferClassifier(network, card, CPU)
     test_codes, test_labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(1), 128)
@@ -138,3 +147,64 @@ def test_a_damaged_version_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable model version"):
         load_version(bad, CPU)
+
+
+def test_a_sample_budget_caps_training() -> None:
+    codes, labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(0), 96, 16)
+    config = TrainConfig(epochs=5, batch_size=32, max_samples=128, seed=0)
+    assert config.total_steps(96) == 4
+    report = train_network(build_network("resnet18", 2, seed=0), codes, labels, 2, config, CPU)
+    assert (report.samples, report.steps) == (128, 4)
+    assert len(report.loss_per_epoch) == 2  # one full pass of 3 batches, then 1 batch
+    with pytest.raises(ValueError, match="max_samples"):
+        TrainConfig(batch_size=32, max_samples=16)
+
+
+def trained_blob_model(seed: int = 0) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+    codes, labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(seed), 192)
+    network = build_network("resnet18", 2, seed=0)
+    train_network(
+        network, codes, labels, 2, TrainConfig(epochs=3, batch_size=32, learning_rate=3e-3), CPU
+    )
+    return network, codes, labels
+
+
+def test_early_stopping_keeps_the_start_weights_when_training_only_hurts() -> None:
+    network, codes, labels = trained_blob_model()
+    before = {k: v.clone() for k, v in network.named_parameters()}
+    wrong = np.random.default_rng(9).permutation(labels)  # labels unrelated to the wafers
+    val_codes, val_labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(1), 64)
+    stopping = EarlyStopping(
+        val_codes, val_labels, np.zeros(2), checks=4, patience=1, check_start=True
+    )
+    config = TrainConfig(epochs=2, batch_size=32, learning_rate=1e-2, seed=0)
+    report = train_network(network, codes, wrong, 2, config, CPU, stopping=stopping)
+    assert report.best_samples == 0
+    planned = config.total_steps(len(codes))
+    assert 0.5 * planned <= report.steps < planned  # stopped early, not before half the steps
+    assert report.validation_losses[1] > report.validation_losses[0]
+    for name, value in network.named_parameters():
+        assert torch.equal(value, before[name]), name
+
+
+def test_bounded_retraining_stays_within_budget_and_keeps_what_it_learnt() -> None:
+    network, codes, labels = trained_blob_model()
+    new_codes, new_labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(2), 96)
+    all_codes = np.concatenate([codes, new_codes])
+    all_labels = np.concatenate([labels, new_labels])
+    is_new = np.arange(len(all_labels)) >= len(labels)
+    by_person = np.ones(len(all_labels), dtype=bool)
+    policy = RetrainPolicy(samples_per_new_wafer=2.0, validation_fraction=0.2)
+    plan = plan_retraining(
+        all_labels, by_person, is_new, np.arange(len(all_labels)), policy, np.random.default_rng(0)
+    )
+    config = TrainConfig(batch_size=32, learning_rate=1e-3, seed=1, balance="sqrt")
+    report, adjust = train_bounded(network, all_codes, all_labels, plan, 2, config, CPU)
+    assert report.samples <= plan.budget == 2 * plan.new
+    assert report.best_samples is not None and report.best_samples <= report.samples
+    np.testing.assert_allclose(adjust, logit_adjustment(all_labels[plan.eligible], 2, "sqrt"))
+    assert np.abs(adjust).max() > 0  # the replay pool was drawn balanced and is corrected for
+    card = ModelCard("b", ("Center", "none"), 32, "resnet18", tuple(adjust))
+    test_codes, test_labels = wafers_with_and_without_a_centre_blob(np.random.default_rng(3), 128)
+    probs = WaferClassifier(network, card, CPU).predict_proba(test_codes)
+    assert np.mean(probs.argmax(1) == test_labels) > 0.9

@@ -1,5 +1,7 @@
+import dataclasses
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,35 @@ def test_results_table_totals() -> None:
     table = results_table(rows)
     assert "| 1 | 100 | 60 (60.0%) | 40 | 1 | 99.00% | v001-set0 | 30.0 s |" in table
     assert "| all | 200 | 90 (45.0%) | 110 | 1 | 99.50% | | |" in table
+
+
+def test_the_demo_plan_is_a_history_plus_sets_of_the_asked_size() -> None:
+    import numpy as np
+
+    from backend.demo import DemoConfig, demo_plan
+    from backend.wafers import WaferMaps
+
+    n = 400
+    wafers = WaferMaps.from_maps(
+        [np.ones((3, 3), np.uint8)] * n, ["Center", "none"] * (n // 2), ("Center", "none")
+    )
+    config = DemoConfig(
+        out=Path("unused"),
+        subsample=0.01,
+        initial_fraction=0.1,
+        sets=3,
+        seed=1,
+        label_studio_port=8080,
+        simulate_engineers=False,
+        first_model_wafers=100,
+        set_size=50,
+    )
+    plan = demo_plan(wafers, config)
+    initial = plan.members(0)
+    assert len(initial) == 100 and (wafers.labels[initial] == 0).sum() == 50
+    members = [plan.members(i) for i in (1, 2, 3)]
+    assert [len(m) for m in members] == [50, 50, 50]
+    everything = np.concatenate([initial, *members])
+    assert len(np.unique(everything)) == len(everything)  # no wafer in two sets
+    with pytest.raises(ValueError, match="need 6,000"):
+        demo_plan(wafers, dataclasses.replace(config, set_size=2000))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from redis import Redis
 
+from backend.classifier import WaferClassifier
 from backend.cli import main
-from backend.first_model import set0_task_ids
+from backend.first_model import cached_first_model, history_from_wafers, set0_task_ids
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient, set_filter
 from backend.loop_state import trained_through
@@ -23,6 +24,7 @@ from backend.settings import Settings
 from backend.sources import LoadReport, save_npz
 from backend.splits import stable_holdout, stratified_sample
 from backend.stack import LabelStudioServer
+from backend.training import TrainConfig
 from backend.wafers import WaferMaps
 
 pytestmark = pytest.mark.slow
@@ -150,3 +152,48 @@ def test_import_wafers_says_what_is_wrong_with_the_input(
     assert main([*args, "--data", str(fine)]) == 2
     assert "import the labelled history as set 0 first" in capsys.readouterr().err
     assert ls.tasks(project) == []
+
+
+def test_a_first_model_is_trained_once_then_taken_from_the_cache(
+    real_wafers: tuple[WaferMaps, LoadReport], tmp_path: Path, label_config: LabelConfig
+) -> None:
+    wafers = real_wafers[0]
+    rng = np.random.default_rng(7)
+    chosen = stratified_sample(wafers.labels, 120 / len(wafers), rng)
+    settings = dataclasses.replace(
+        Settings(), backbone="resnet18", image_size=16, validation_fraction=0.3
+    )
+    history = history_from_wafers(
+        wafers.subset(chosen), 16, subsample=1.0, seed=0, task_ids={}, origin="test", progress=False
+    )
+    config = TrainConfig(epochs=1, batch_size=32, seed=0)
+
+    def first_model(train: TrainConfig, project: int = 3) -> tuple[WaferClassifier, bool]:
+        return cached_first_model(
+            history,
+            label_config,
+            settings,
+            train,
+            version="v001-set0",
+            project=project,
+            device=CPU,
+            cache_dir=tmp_path,
+            data_identity="LSWMD:1",
+            progress=False,
+        )
+
+    first, cached = first_model(config)
+    assert not cached
+    [kept] = (tmp_path / "first-models").iterdir()
+    again, cached = first_model(config, project=9)
+    assert cached and again.card.training["project"] == 9
+    assert again.card.metrics == first.card.metrics
+    codes = history.codes[:8]
+    np.testing.assert_allclose(again.predict_proba(codes), first.predict_proba(codes), atol=1e-6)
+    # Other training settings are another model: trained, not taken.
+    _, cached = first_model(dataclasses.replace(config, seed=1))
+    assert not cached and len(list((tmp_path / "first-models").iterdir())) == 2
+    # A damaged cache file is trained again, not trusted.
+    kept.write_bytes(b"garbage")
+    _, cached = first_model(config)
+    assert not cached

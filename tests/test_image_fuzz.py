@@ -19,8 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.encoding import render_picture
-from backend.images import ImageError, data_url, model_input, read_picture
+from backend.encoding import (
+    PALETTE,
+    codes_from_picture,
+    palette_png_codes,
+    picture_colours,
+    render_picture,
+    sample_positions,
+)
+from backend.images import ImageError, data_url, model_input, png_bytes, read_picture
 
 SEED = 20261201
 PER_FORMAT = 200
@@ -30,14 +37,21 @@ Mutation = Callable[[bytes, np.random.Generator], bytes]
 
 
 def wafer_picture() -> np.ndarray:
+    """A wafer's palette picture (die codes as palette indices)."""
     die_map = np.random.default_rng(0).integers(0, 3, size=(22, 26)).astype(np.uint8)
     return render_picture(die_map, pixels=104)
 
 
 def seeds() -> dict[str, bytes]:
-    """One valid picture per (format, mode) Pillow can write here."""
-    rgb = Image.fromarray(wafer_picture())
-    out: dict[str, bytes] = {}
+    """One valid picture per (format, mode) Pillow can write here, and our palette PNG as the
+    backend writes it and as Pillow re-saves it (8 bits, filtered rows, the die palette)."""
+    picture = wafer_picture()
+    rgb = Image.fromarray(picture_colours(picture))
+    resaved = Image.frombytes("P", picture.shape[::-1], picture.tobytes())
+    resaved.putpalette(PALETTE.tobytes() + bytes(3 * 253))
+    buffer = io.BytesIO()
+    resaved.save(buffer, format="PNG")
+    out: dict[str, bytes] = {"PNG-ours": png_bytes(picture), "PNG-ours-resaved": buffer.getvalue()}
     options: dict[str, tuple[str, dict[str, object]]] = {
         "PNG-RGB": ("PNG", {}),
         "PNG-P": ("PNG", {}),
@@ -142,6 +156,45 @@ def huge_dimensions(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buffer)
 
 
+def rgb_way(data: bytes) -> np.ndarray:
+    """The way every picture was decoded before palette PNGs: RGB, sampled, nearest colour."""
+    rgb = read_picture(data)
+    rows = sample_positions(rgb.shape[0], SIZE)
+    cols = sample_positions(rgb.shape[1], SIZE)
+    return codes_from_picture(rgb[np.ix_(rows, cols)])
+
+
+def png_rows(data: bytes, rng: np.random.Generator) -> bytes:
+    """A PNG's rows changed (bits flipped, rows cut or added, filter bytes set) and packed again
+    with every CRC right, so the chunk structure stays valid; other formats: bits flipped."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return flip_bits(data, rng)
+    parts, position = [], 8
+    while position + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        parts.append(
+            (data[position + 4 : position + 8], data[position + 8 : position + 8 + length])
+        )
+        position += 12 + length
+    try:
+        rows = bytearray(zlib.decompress(b"".join(b for k, b in parts if k == b"IDAT")))
+    except zlib.error:
+        return flip_bits(data, rng)
+    change = int(rng.integers(0, 3))
+    if change == 0 and rows:
+        rows = bytearray(flip_bits(bytes(rows), rng))
+    elif change == 1:
+        rows = rows[: int(rng.integers(0, len(rows) + 1))] + bytes(int(rng.integers(0, 64)))
+    elif rows:
+        rows[int(rng.integers(0, len(rows)))] = int(rng.integers(0, 5))
+    packed = zlib.compress(bytes(rows))
+    out = [(k, b) for k, b in parts if k != b"IDAT" and k != b"IEND"]
+    out += [(b"IDAT", packed), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(b)) + k + b + struct.pack(">I", zlib.crc32(k + b)) for k, b in out
+    )
+
+
 MUTATIONS: dict[str, Mutation] = {
     "flip_bits": flip_bits,
     "truncate": truncate,
@@ -149,6 +202,7 @@ MUTATIONS: dict[str, Mutation] = {
     "splice": splice,
     "random_tail": random_tail,
     "huge_dimensions": huge_dimensions,
+    "png_rows": png_rows,
 }
 
 
@@ -160,8 +214,11 @@ def test_mutated_pictures_give_a_picture_or_an_image_error() -> None:
     counts: Counter[str] = Counter()
     causes: Counter[str] = Counter()
     failures: list[str] = []
+    disagreements: list[str] = []
     corpus = seeds()
-    assert {"PNG-RGB", "JPEG", "GIF", "TIFF", "BMP", "WEBP"} <= set(corpus)
+    assert {"PNG-ours", "PNG-ours-resaved", "PNG-RGB", "JPEG", "GIF", "TIFF", "BMP", "WEBP"} <= set(
+        corpus
+    )
     for name, seed in corpus.items():
         inputs = [seed] + [
             MUTATIONS[str(rng.choice(list(MUTATIONS)))](seed, rng) for _ in range(PER_FORMAT)
@@ -182,6 +239,15 @@ def test_mutated_pictures_give_a_picture_or_an_image_error() -> None:
                                 size=SIZE,
                             )
                             assert codes.shape == (SIZE, SIZE) and int(codes.max()) <= 2
+                            # Whatever way was taken, the RGB way gives the same codes.
+                            try:
+                                same = np.array_equal(codes, rgb_way(data))
+                            except ImageError:
+                                same = False
+                            if not same:
+                                disagreements.append(f"{name} input {index}")
+                            if palette_png_codes(data, SIZE, 4_000_000) is not None:
+                                counts["read_without_a_decoder"] += 1
                         else:
                             rgb = read_picture(data, formats=None)
                             assert rgb.ndim == 3 and rgb.shape[2] == 3
@@ -196,4 +262,6 @@ def test_mutated_pictures_give_a_picture_or_an_image_error() -> None:
     print("what the decoders raised inside the ImageErrors:", dict(causes.most_common()))
     assert counts["inputs"] == counts["pictures"] + counts["image_errors"] + len(failures)
     assert not failures, "\n".join(failures[:20])
+    assert not disagreements, "the ways disagree on: " + ", ".join(disagreements[:20])
     assert counts["pictures"] > 0 and counts["image_errors"] > 0
+    assert counts["read_without_a_decoder"] > 0

@@ -41,7 +41,7 @@ from backend.addresses import (
     refusal,
 )
 from backend.classifier import ModelCard, WaferClassifier, build_network
-from backend.encoding import render_picture, resize_nearest
+from backend.encoding import PALETTE, picture_colours, render_picture, resize_nearest
 from backend.image_client import (
     GuardedNetwork,
     ImageClient,
@@ -54,6 +54,7 @@ from backend.images import (
     data_url,
     fetch_image,
     model_input,
+    picture_codes,
     png_bytes,
     read_picture,
 )
@@ -272,9 +273,126 @@ def test_png_round_trip_gives_back_the_model_input() -> None:
             assert via_data.dtype == np.uint8
 
 
+def old_rgb_png(wafer: np.ndarray) -> bytes:
+    """The picture as drawn before palette PNGs (an RGB PNG, Pillow's encoder)."""
+    buffer = io.BytesIO()
+    Image.fromarray(picture_colours(render_picture(wafer))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pillow_palette_png(wafer: np.ndarray) -> bytes:
+    """Our palette picture re-saved by an image tool: 8 bits a pixel, filtered rows, the die
+    palette followed by 253 black entries."""
+    picture = render_picture(wafer)
+    height, width = picture.shape
+    image = Image.frombytes("P", (width, height), picture.tobytes())
+    image.putpalette(PALETTE.tobytes() + bytes(3 * 253))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def quantised_png(wafer: np.ndarray) -> bytes:
+    """A palette PNG of the wafer's colours in another order (Pillow's quantiser)."""
+    buffer = io.BytesIO()
+    Image.fromarray(picture_colours(render_picture(wafer))).quantize(colors=8).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()
+
+
+PICTURE_KINDS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "palette (now)": lambda wafer: png_bytes(render_picture(wafer)),
+    "rgb (before)": old_rgb_png,
+    "re-saved palette": pillow_palette_png,
+    "quantised": quantised_png,
+}
+
+
+@pytest.mark.parametrize("kind", list(PICTURE_KINDS))
+def test_every_kind_of_wafer_picture_gives_the_die_maps_model_input(kind: str) -> None:
+    """The round trip: the palette picture, the RGB picture drawn before and others of the
+    same wafer all decode to the model input of the die map itself."""
+    for seed, (h, w) in enumerate([(25, 27), (52, 51), (6, 3), (80, 50), (1, 1)]):
+        wafer = die_map(seed, h, w)
+        picture = PICTURE_KINDS[kind](wafer)
+        client, _ = fake_client(serve(picture))
+        for size in (16, 64, 224):
+            expected = resize_nearest(wafer, size)
+            via_data = model_input(
+                data_url(picture), client, label_studio_url=None, api_key=None, size=size
+            )
+            assert via_data.dtype == np.uint8
+            np.testing.assert_array_equal(via_data, expected, err_msg=f"{kind} {h}x{w} {size}")
+            via_http = model_input(
+                "http://pictures.example/w.png",
+                client,
+                label_studio_url=None,
+                api_key=None,
+                size=size,
+                rules=PICTURES,
+            )
+            np.testing.assert_array_equal(via_http, expected)
+
+
+def test_palette_pictures_need_neither_colour_conversion_nor_matching(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wafer = die_map(7, 40, 33)
+    expected = resize_nearest(wafer, 64)
+    palette, resaved = png_bytes(render_picture(wafer)), pillow_palette_png(wafer)
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    # No RGB conversion: our palette PNGs, even re-saved by a tool, are read as indices.
+    monkeypatch.setattr(Image.Image, "convert", refused)
+    monkeypatch.setattr("backend.images.codes_from_picture", refused)
+    for picture in (palette, resaved):
+        np.testing.assert_array_equal(picture_codes(picture, 64), expected)
+    with pytest.raises(ImageError, match=r"cannot be decoded \(MemoryError\)"):
+        picture_codes(old_rgb_png(wafer), 64)  # the RGB way is taken there
+    # Our own palette PNG needs no image decoder at all.
+    monkeypatch.setattr(Image, "open", refused)
+    np.testing.assert_array_equal(picture_codes(palette, 64), expected)
+    with pytest.raises(ImageError, match=r"cannot be decoded \(MemoryError\)"):
+        picture_codes(resaved, 64)  # that one does
+
+
+def test_the_limits_hold_for_palette_pictures() -> None:
+    palette = png_bytes(render_picture(die_map(8, 30, 30)))  # 360 x 360
+    with pytest.raises(ImageError, match="more than 100,000 pixels"):
+        picture_codes(palette, 16, max_pixels=100_000)
+    with pytest.raises(ImageError, match="not a picture in an accepted format"):
+        picture_codes(palette, 16, formats=("JPEG",))
+    for broken in (palette[: len(palette) // 2], palette[:60], palette[:8]):
+        with pytest.raises(ImageError, match=r"cannot be decoded|not a picture"):
+            picture_codes(broken, 16)
+    # A 9459 x 9459 header over the same small rows: refused from the header, nothing inflated.
+    body = struct.pack(">II", 9459, 9459) + palette[24:29]
+    bomb = palette[:16] + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + palette[33:]
+    with pytest.raises(ImageError, match=r"more than 4,000,000 pixels.*refused before decoding"):
+        model_input(data_url(bomb), httpx.Client(), label_studio_url=None, api_key=None, size=16)
+
+
+def test_a_decoder_failure_on_a_palette_picture_is_an_image_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    picture = pillow_palette_png(die_map(9))
+    np.testing.assert_array_equal(picture_codes(picture, 16), resize_nearest(die_map(9), 16))
+
+    def out_of_memory(self: Image.Image, *args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", out_of_memory)
+    with pytest.raises(ImageError, match=r"PNG picture cannot be decoded \(MemoryError\)"):
+        picture_codes(picture, 16)
+
+
 def test_read_picture_handles_other_formats_and_modes() -> None:
-    rgb = render_picture(die_map())
+    rgb = picture_colours(render_picture(die_map()))
     np.testing.assert_array_equal(read_picture(png_bytes(rgb)), rgb)
+    np.testing.assert_array_equal(read_picture(PNG), rgb)  # the palette PNG, expanded
     for fmt, mode in [("PNG", "RGBA"), ("PNG", "P"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB")]:
         buffer = io.BytesIO()
         image = Image.fromarray(rgb)

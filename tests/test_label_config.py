@@ -68,15 +68,18 @@ def test_labeling_screen_puts_picture_and_failure_types_side_by_side() -> None:
     assert "display: flex" in (style.text or "") and "nowrap" in (style.text or "")
 
 
-def test_labeling_screen_shows_the_models_guess_from_task_data() -> None:
-    """Header lines read the fields the pre-annotation writes; unnamed, so Label Studio does
-    not demand them in imported tasks (it does for named tags' `$fields`)."""
+def test_labeling_screen_says_where_the_wafer_is_from_and_how_to_confirm_the_guess() -> None:
+    """Header lines read only fields the import writes (the pre-annotation writes no task data:
+    the model's guess is the pre-selected choice, its score the queue's column); unnamed, so
+    Label Studio does not demand them in imported tasks (it does for named tags' `$fields`)."""
     root = ET.fromstring(DEFAULT_LABEL_CONFIG.read_text())
     headers = [h.get("value", "") for h in root.iter("Header")]
-    assert any(h.startswith("Model's guess: $predicted") for h in headers)
     shown = " ".join(headers)
-    for field in ("$score", "$margin", "$entropy", "$set", "$lot", "$wafer_id"):
+    for field in ("$set", "$lot", "$wafer_id"):
         assert field in shown
+    for field in ("$predicted", "$score", "$margin", "$entropy"):
+        assert field not in shown
+    assert "pre-selected" in shown and "Ctrl+Enter" in shown
     assert all(h.get("name") is None for h in root.iter("Header"))
     named_values = {el.get("value") for el in root.iter() if el.get("name") and el.get("value")}
     assert named_values == {"$image"}, "only the picture is required in imported tasks"

@@ -24,6 +24,7 @@ LAYERS = {
         "splits",
         "metrics",
         "report",
+        "replay",
     },
     1: {
         "classifier",
@@ -39,6 +40,7 @@ LAYERS = {
         "stack",
         "loop_keys",
         "loop_state",
+        "wafer_store",
     },
     2: {
         "study",
@@ -66,6 +68,7 @@ LAYERS = {
         "screenshots",
         "load_test",
         "bench",
+        "bench_loop",
     },
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

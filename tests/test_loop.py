@@ -2,10 +2,13 @@
 
 A small WM-811K subsample (an initial labelled set and two sets) goes through the product as a
 user runs it: the set-up command wires the project (basic auth on, webhook with credentials),
-the initial set is imported with its labels, the worker trains the first model and opens set 1
-(predictions, uncertainty in the task data, confident wafers accepted), a second user labels
-the uncertain wafers through the SDK, exactly one retraining runs, and set 2 is opened by the
-new model.
+the initial set is imported with its labels (die maps kept in the wafer store), the worker
+trains the first model and opens set 1 (predictions scored by the routing measure, confident
+wafers accepted), a second user labels the uncertain wafers through the SDK, exactly one
+retraining runs, and set 2 is opened by the new model. Then new wafers arrive the fab's way
+(`import_wafers`, unlabelled) as set 3 while set 2 is open: they wait for set 2's model, which
+opens them once set 2 is labelled. The loop runs on the Label Studio of the session, which is
+on PostgreSQL when one answers on 127.0.0.1:5432.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from redis import Redis
@@ -30,7 +34,7 @@ from backend.jobs import QUEUES, TRAINING_QUEUE, WORKER_CLASS, retrain_job_id
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.model_store import ModelStore
-from backend.ops import ENGINEER_VIEW, wire_project
+from backend.ops import ENGINEER_VIEW, set_counts, wire_project
 from backend.settings import Settings
 from backend.stack import (
     Credentials,
@@ -41,7 +45,8 @@ from backend.stack import (
     running_worker,
     wait_for_worker,
 )
-from backend.wafer_sets import SetPlan, import_sets, plan_sets
+from backend.wafer_sets import WM811K_SOURCE, SetPlan, import_sets, import_wafers, plan_sets
+from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
 from tests.conftest import E2E_REDIS_URL
 
@@ -61,12 +66,22 @@ class Loop:
     engineer: Credentials
     backend_url: str
     store: ModelStore
+    wafers: WaferStore
     redis: Redis
     truth: dict[int, str]
+    #: Wafers of the file that are in no set of the plan (the "new" wafers of set 3).
+    spare: WaferMaps
 
 
 def _version_of(task: dict[str, Any], version: str) -> list[dict[str, Any]]:
     return [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+
+
+def _spare(wafers: WaferMaps, plan: SetPlan) -> WaferMaps:
+    """A dozen wafers of the file that no set of the plan holds."""
+    planned = set(plan.wafers.source_row.tolist())
+    rows = [i for i, w in enumerate(wafers.source_row.tolist()) if w not in planned]
+    return wafers.subset(rows[:: max(1, len(rows) // 12)][:12])
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +128,13 @@ def loop(
         ) as worker,
     ):
         wait_for_worker(REDIS_URL, QUEUES, timeout=60, pid=worker.pid)
-        with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as admin:
-            wiring = wire_project(admin, settings, f"loop {tag}", backend_url)
         with LabelStudioClient.connect(label_studio.url, auto.token) as client:
-            import_sets(client, wiring.project, plan, label_config)
+            with LabelStudioClient.connect(label_studio.url, label_studio.api_key) as admin:
+                wiring = wire_project(
+                    admin, settings, f"loop {tag}", backend_url, client.current_user_id()
+                )
+            wafer_store = WaferStore.for_project(work / "models", wiring.project)
+            import_sets(client, wiring.project, plan, label_config, store=wafer_store)
         wait_until_idle(redis, wiring.project, LOOP_TIMEOUT_S)
         yield Loop(
             server=label_studio,
@@ -126,8 +144,10 @@ def loop(
             engineer=engineer,
             backend_url=backend_url,
             store=ModelStore.for_project(work / "models", wiring.project, torch.device("cpu")),
+            wafers=wafer_store,
             redis=redis,
             truth=truth,
+            spare=_spare(real_wafers[0], plan),
         )
     redis.flushdb()
 
@@ -156,29 +176,48 @@ def test_set_1_is_pre_annotated_and_its_confident_wafers_accepted(
     first = loop.store.current_version()
     assert first is not None and first.endswith("set0")
     assert backend_client.project_model_version(loop.project) == first
+    routing = loop.wafers.routing(1, first)
+    assert routing is not None and routing.cut is not None
+    # Least confidence with a fixed threshold of 0.3: auto when max p >= 0.7, the score is max p.
+    assert routing.rule == "max p < 0.7" and routing.cut >= 0.7
     auto_user = backend_client.current_user_id()
     tasks = backend_client.tasks_of_set(loop.project, 1)
     assert len(tasks) == len(loop.plan.members(1))
+    assert routing.auto + routing.engineer == len(tasks) and routing.unreadable == 0
     routes = {"auto": 0, "engineer": 0}
     for task in tasks:
         ours = _version_of(task, first)
         assert len(ours) == 1, f"task {task['id']} has {len(ours)} predictions of {first}"
-        assert 0.0 < ours[0]["score"] <= 1.0
-        data = task["data"]
-        assert {"least_confidence", "margin", "entropy", "route", "predicted"} <= set(data)
-        choice = ours[0]["result"][0]["value"]["choices"][0]
-        assert choice == data["predicted"] and choice in label_config.failure_types
-        routes[data["route"]] += 1
+        score = ours[0]["score"]
+        assert 0.0 < score <= 1.0
+        assert ours[0]["result"][0]["value"]["choices"][0] in label_config.failure_types
+        # No task data is written by the pre-annotation (the die maps came from the store).
+        assert "route" not in task["data"] and "model_version" not in task["data"]
         annotations = task["annotations"]
-        if data["route"] == "auto":
-            assert data["least_confidence"] <= 0.3
+        if score >= routing.cut:
+            routes["auto"] += 1
             assert len(annotations) == 1
             assert annotations[0]["completed_by"] == auto_user
             assert annotations[0]["parent_prediction"] == ours[0]["id"]
         else:
-            assert data["least_confidence"] > 0.3
+            routes["engineer"] += 1
+            assert score < 0.7
             assert annotations == []
+    assert routes == {"auto": routing.auto, "engineer": routing.engineer}
     assert routes["auto"] > 0 and routes["engineer"] > 0, routes
+    # `status` counts (count queries only) agree with the listing.
+    states = set_counts(backend_client, loop.project, auto_user, first)
+    assert sorted(states) == [0, 1, 2]
+    one = states[1]
+    assert (one.total, one.auto, one.engineer, one.waiting, one.predicted) == (
+        len(tasks),
+        routes["auto"],
+        0,
+        routes["engineer"],
+        len(tasks),
+    )
+    assert states[0].known == states[0].total == len(loop.plan.members(0))
+    assert states[2].predicted == 0 and states[2].waiting == states[2].total
     # Set 2 waits for the model that set 1 trains.
     assert all(not t["predictions"] for t in backend_client.tasks_of_set(loop.project, 2))
 
@@ -188,11 +227,14 @@ def test_the_engineer_queue_lists_the_uncertain_wafers_most_uncertain_first(
 ) -> None:
     views = {v: i for v, i in _views(ls, loop.project).items()}
     tasks = ls.tasks(loop.project, view=views[ENGINEER_VIEW])
-    assert tasks and all(t["data"]["route"] == "engineer" for t in tasks)
+    first = loop.store.current_version()
+    routing = loop.wafers.routing(1, str(first))
+    assert routing is not None and routing.cut is not None
+    assert len(tasks) == routing.engineer
     assert all(t["total_annotations"] == 0 for t in tasks)
-    # The test routes by least confidence, so that is the order (most uncertain first).
-    scores = [t["data"]["least_confidence"] for t in tasks]
-    assert scores == sorted(scores, reverse=True)
+    # Sorted by the prediction score, lowest (least sure) first, all below the cut.
+    scores = [_version_of(t, str(first))[0]["score"] for t in tasks]
+    assert scores == sorted(scores) and max(scores) < routing.cut
 
 
 def _views(ls: LabelStudioClient, project: int) -> dict[str, int]:
@@ -225,18 +267,20 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
 
     assert backend_client.project_model_version(loop.project) == second
     auto_user = backend_client.current_user_id()
+    routing = loop.wafers.routing(2, second)
+    assert routing is not None
     tasks = backend_client.tasks_of_set(loop.project, 2)
     accepted = 0
     for task in tasks:
         ours = _version_of(task, second)
-        assert len(ours) == 1 and task["data"]["model_version"] == second
-        if task["data"]["route"] == "auto":
+        assert len(ours) == 1
+        if routing.cut is not None and ours[0]["score"] >= routing.cut:
             accepted += 1
             assert [a["completed_by"] for a in task["annotations"]] == [auto_user]
             assert task["annotations"][0]["parent_prediction"] == ours[0]["id"]
         else:
             assert task["annotations"] == []
-    assert accepted > 0
+    assert accepted == routing.auto
 
     outcome = set_outcome(backend_client, loop.project, 1, loop.truth, label_config, auto_user)
     assert outcome.waiting == 0 and outcome.engineer == labelled
@@ -252,3 +296,53 @@ def _start_training(loop: Loop) -> None:
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] in ("queued", "already queued")
+
+
+def test_new_unlabelled_wafers_appended_as_set_3_wait_then_open_with_the_next_model(
+    loop: Loop, backend_client: LabelStudioClient, label_config: LabelConfig
+) -> None:
+    second = loop.store.current_version()
+    outcome = import_wafers(
+        backend_client,
+        loop.project,
+        loop.spare,
+        label_config,
+        [np.arange(len(loop.spare))],
+        source=WM811K_SOURCE,
+        store=loop.wafers,
+        progress=False,
+    )
+    assert outcome.imported == {3: len(loop.spare)} and outcome.skipped == 0
+    wait_until_idle(loop.redis, loop.project, LOOP_TIMEOUT_S)
+    new = backend_client.tasks_of_set(loop.project, 3)
+    assert len(new) == len(loop.spare)
+    if backend_client.tasks_of_set(loop.project, 2, only_unlabelled=True):
+        # Set 2 is open (engineers have wafers to label): the new set waits for its model.
+        assert all(not t["predictions"] and not t["annotations"] for t in new)
+    # The same wafers again: skipped, never duplicated.
+    again = import_wafers(
+        backend_client,
+        loop.project,
+        loop.spare,
+        label_config,
+        [np.arange(len(loop.spare))],
+        source=WM811K_SOURCE,
+        store=loop.wafers,
+        progress=False,
+    )
+    assert again.imported == {} and again.skipped == len(loop.spare)
+
+    truth = loop.truth | {
+        int(w): loop.spare.classes[int(c)]
+        for w, c in zip(loop.spare.source_row, loop.spare.labels, strict=True)
+    }
+    with LabelStudioClient.connect(loop.server.url, loop.engineer.token) as person:
+        assert label_uncertain(person, loop.project, 2, truth, label_config) >= 0
+    wait_until_idle(loop.redis, loop.project, LOOP_TIMEOUT_S)
+    # Set 2's model opened set 3 (which may since have finished and trained a set-3 model).
+    third = next(v for v in loop.store.versions() if v.endswith("set2"))
+    assert third != second
+    routing = loop.wafers.routing(3, third)
+    assert routing is not None and routing.auto + routing.engineer == len(loop.spare)
+    for task in backend_client.tasks_of_set(loop.project, 3):
+        assert len(_version_of(task, third)) == 1

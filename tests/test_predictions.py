@@ -23,7 +23,7 @@ from backend.predictions import (
     tasks_to_label_studio,
     to_label_studio,
 )
-from backend.routing import STUDY_RULES, RoutingRule
+from backend.routing import STUDY_RULES, RoutingRule, sureness
 from backend.uncertainty import Measure, entropy, least_confidence, margin
 
 SIZE = 16
@@ -98,7 +98,8 @@ def test_order_is_kept_and_a_bad_image_does_not_stop_the_others(
         assert list(p.probabilities) == list(label_config.failure_types)
         np.testing.assert_allclose(list(p.probabilities.values()), row, atol=1e-6)
         assert p.failure_type == label_config.failure_types[int(np.argmax(row))]
-        assert p.score == max(p.probabilities.values())
+        # The default rule of these tests routes by least confidence: the score is max p.
+        assert p.score == pytest.approx(max(p.probabilities.values()), rel=1e-12)
 
 
 def test_uncertainty_and_route_agree_with_the_measures(
@@ -114,8 +115,12 @@ def test_uncertainty_and_route_agree_with_the_measures(
         np.testing.assert_allclose(np.array([p.margin for p in out], dtype=float), margin(probs))
         np.testing.assert_allclose(np.array([p.entropy for p in out], dtype=float), entropy(probs))
         assert [p.route for p in out] == rule.routes(probs).tolist()
-        for p in out:
-            assert p.least_confidence == pytest.approx(1.0 - (p.score or 0.0))
+        # The score is the sureness by the rule's measure, and the routes split at one cut.
+        scores = np.array([p.score for p in out], dtype=float)
+        np.testing.assert_allclose(scores, sureness(probs, rule.measure), rtol=1e-12)
+        auto = np.array([p.route == "auto" for p in out])
+        if auto.any():
+            assert scores[~auto].max(initial=-1.0) < scores[auto].min()
     everyone = RoutingRule(Measure.ENTROPY, -math.inf)
     nobody = RoutingRule(Measure.ENTROPY, math.inf)
     assert {

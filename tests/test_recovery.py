@@ -72,6 +72,7 @@ from backend.stack import (
     wait_for_worker,
 )
 from backend.wafer_sets import SetPlan, import_sets, plan_sets, wafer_task
+from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
 from backend.workbench import Workbench
 
@@ -358,21 +359,30 @@ def test_an_interrupted_accept_step_is_finished_by_the_next_advance_exactly_once
     world: World,
 ) -> None:
     """The state an accept step that died leaves (Label Studio unreachable, a killed worker):
-    the set's predictions and task data are written, routed-auto wafers have no label."""
+    the set's predictions and its routing (the score cut) are stored, wafers scoring at or
+    above the cut have no label. Made here by lowering the kept cut so that the two surest
+    waiting wafers are at or above it."""
     version = world.store.current_version()
     assert version is not None
+    wafer_store = WaferStore.for_project(Path(world.env["MODEL_DIR"]), world.project)
+    routing = wafer_store.routing(2, version)
+    assert routing is not None
     with world.client(world.auto) as client:
         auto_user = client.current_user_id()
         tasks = client.tasks_of_set(world.project, 2)
-        waiting = [
-            t
+        scored = sorted(
+            (
+                next(p["score"] for p in t["predictions"] if p.get("model_version") == version),
+                t["id"],
+            )
             for t in tasks
             if not t.get("annotations")
             and any(p.get("model_version") == version for p in t.get("predictions") or [])
-        ]
-        assert len(waiting) >= 2, "set 2 keeps unlabelled wafers for the later tests"
-        for t in waiting[:2]:
-            client.update_task_data(t["id"], {"route": "auto"}, current=t["data"])
+        )
+        assert len(scored) >= 3, "set 2 keeps unlabelled wafers for the later tests"
+        waiting = [{"id": task_id} for _, task_id in scored[-2:]]
+        assert scored[-3][0] < scored[-2][0], "two wafers share the boundary score"
+    wafer_store.save_routing(dataclasses.replace(routing, cut=scored[-2][0]))
     outcome = advance_now(world)
     world.faults.append(f"accept step interrupted (2 auto wafers unlabelled); advance: {outcome}")
     assert any("interrupted accept step" in line for line in outcome["repaired"]), outcome

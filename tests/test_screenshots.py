@@ -16,10 +16,11 @@ from backend.browser import CHROMIUM_NAMES, INSTALL_HINT, Box
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.ops import make_views
+from backend.routing import sureness
 from backend.screenshots import take_screenshots
 from backend.sources import LoadReport
 from backend.stack import LabelStudioServer
-from backend.uncertainty import Measure, entropy, least_confidence, margin
+from backend.uncertainty import Measure
 from backend.wafer_sets import choice_result, wafer_task
 from backend.wafers import WaferMaps
 
@@ -54,7 +55,8 @@ def probabilities(config: LabelConfig, guess: str, top: float) -> np.ndarray:
 
 
 def wafer_tasks(wafers: WaferMaps, config: LabelConfig) -> list[dict[str, Any]]:
-    """Engineer-routed wafers with what the pre-annotation writes: task data and a prediction."""
+    """Engineer-routed wafers as the pre-annotation leaves them: the imported task data and one
+    prediction whose score is the routing measure's sureness (here margin: p1 - p2)."""
     tasks = []
     for failure_type, guess, top in WAFERS:
         of_type = np.flatnonzero(wafers.label_names() == failure_type)
@@ -65,19 +67,10 @@ def wafer_tasks(wafers: WaferMaps, config: LabelConfig) -> list[dict[str, Any]]:
             i = int(of_type[0])
         task = wafer_task(wafers, i, 1, config, with_label=False)
         probs = probabilities(config, guess, top)[None, :]
-        task["data"] |= {
-            "predicted": guess,
-            "score": round(float(probs.max()), 6),
-            "least_confidence": round(float(least_confidence(probs)[0]), 6),
-            "margin": round(float(margin(probs)[0]), 6),
-            "entropy": round(float(entropy(probs)[0]), 6),
-            "route": "engineer",
-            "model_version": MODEL_VERSION,
-        }
         task["predictions"] = [
             {
                 "model_version": MODEL_VERSION,
-                "score": round(float(probs.max()), 6),
+                "score": round(float(sureness(probs, Measure.MARGIN)[0]), 6),
                 "result": choice_result(config, guess),
             }
         ]
@@ -103,7 +96,7 @@ def test_engineer_sees_wafer_guess_and_choices_without_scrolling(
     tasks = wafer_tasks(wafers, label_config)
     ls.import_tasks(project, tasks)
     ls.set_model_version(project, MODEL_VERSION)
-    make_views(ls, project, Measure.MARGIN)
+    make_views(ls, project, ls.current_user_id())
 
     shots = take_screenshots(
         label_studio.url,
@@ -115,20 +108,21 @@ def test_engineer_sees_wafer_guess_and_choices_without_scrolling(
 
     assert png_size(shots.queue) == (1600, 1000)
     assert png_size(shots.labeling) == (1600, 1000)
-    # The tab lists every wafer, with only the engineer's columns: picture first, then the
-    # guess, the routing measure, the score, set and lot (Label Studio orders data columns:
-    # the labeling config's `image` first, the rest as its database keeps them).
+    # The tab lists every wafer, with only the engineer's columns: the score and the guess
+    # (Label Studio puts its own columns first), the picture, set and lot.
     assert shots.rows == len(WAFERS)
-    shown = ["data.image", "data.predicted", "data.margin", "data.score", "data.set", "data.lot"]
-    assert shots.columns[0] == "tasks:data.image"
+    shown = ["predictions_score", "predictions_results", "data.image", "data.set", "data.lot"]
     assert sorted(shots.columns) == sorted(f"tasks:{c}" for c in shown)
-    # The labeling screen: the most uncertain wafer (smallest margin), its picture and all
-    # nine failure types inside the 1600x1000 window, the model's guess in words.
+    assert shots.columns.index("tasks:data.image") < shots.columns.index("tasks:data.set")
+    # The labeling screen: the most uncertain wafer (lowest score), its picture and all nine
+    # failure types inside the 1600x1000 window, the model's guess pre-selected.
     assert shots.choices_in_sight, shots.choices
     assert shots.picture_in_sight, shots.picture
     assert isinstance(shots.picture, Box) and shots.picture.height >= 400
-    first = min(tasks, key=lambda t: t["data"]["margin"])["data"]
-    assert f"Model's guess: {first['predicted']}" in shots.labeling_text
-    assert f"margin {first['margin']}" in shots.labeling_text
+    first = min(tasks, key=lambda t: t["predictions"][0]["score"])
+    guess = first["predictions"][0]["result"][0]["value"]["choices"][0]
+    assert len(shots.selected) == 1 and shots.selected[0].startswith(guess), shots.selected
+    assert f"wafer {first['data']['wafer_id']}" in shots.labeling_text
+    assert "Ctrl+Enter confirms" in shots.labeling_text
     for failure_type in label_config.failure_types:
         assert failure_type in shots.labeling_text

@@ -185,3 +185,49 @@ def test_warm_retraining_continues_the_previous_model(
     # the set-2 model trained on the initial set plus set 1
     phases = results["phases"]["margin"]
     assert phases[1]["train_wafers"] > phases[0]["train_wafers"]
+
+
+def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
+    tmp_path: Path, real_wafers: tuple[WaferMaps, LoadReport], real_cache_dir: Path
+) -> None:
+    args = [
+        "simulate",
+        "--cache-dir",
+        str(real_cache_dir),
+        *FLAGS,
+        "--retrain",
+        "bounded",
+        "--loops",
+        "margin",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["retrain"] == "bounded"
+    assert results["config"]["phase_budget"] is None  # epochs x new wafers
+    assert (tmp_path / "models" / "margin.pt").is_file()
+    sets = results["wafers"]["sets"]
+    rows = list(csv.DictReader((tmp_path / f"data_{results['wafers']['all']}.csv").open()))
+    true = np.array([results["failure_types"].index(r["failure_type"]) for r in rows])
+    set_of = np.array([int(r["set"]) for r in rows])
+    phases = results["phases"]["margin"]
+    for k, phase in enumerate(phases, start=1):
+        assert phase["train_samples"] > 0 and phase["train_seconds"] > 0
+        assert 0 <= phase["validation_accuracy"] <= 1
+        with np.load(tmp_path / "phases" / "margin" / f"set{k}.npz") as data:
+            probs = data["probs"]
+        assert phase["set_accuracy"] == pytest.approx(np.mean(probs.argmax(1) == true[set_of == k]))
+        if k == 1:
+            continue
+        # set k's model continued on set k-1 (minus its held-out engineer labels) and a replay
+        assert phase["new_wafers"] <= sets[k - 2]
+        assert 0 < phase["replay_wafers"] <= phase["new_wafers"]
+        assert phase["train_wafers"] == phase["new_wafers"] + phase["replay_wafers"]
+        assert phase["phase_budget"] == phase["new_wafers"]  # --epochs 1
+        assert phase["train_samples"] <= max(phase["phase_budget"], 64)
+        assert 0 <= phase["best_samples"] <= phase["train_samples"]
+    # a finished run resumes without training again
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "phases").rglob("*.npz"))]
+    assert main(args) == 0
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "phases").rglob("*.npz"))] == stamps

@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-import pytest
-
 from backend.labelstudio import LABEL_STUDIO_TASK_COLUMNS, LabelStudioClient, TaskFilter
 from backend.ops import (
     AUTO_VIEW,
     ENGINEER_VIEW,
-    MEASURE_COLUMN,
     UNCERTAIN_FIRST,
     UNREADABLE_VIEW,
     WAFER_DATA_COLUMNS,
@@ -19,7 +16,6 @@ from backend.ops import (
     make_views,
     tab_columns,
 )
-from backend.uncertainty import Measure
 
 
 class RecordingClient:
@@ -52,39 +48,46 @@ def visible(hidden: set[str]) -> set[str]:
     return {*LABEL_STUDIO_TASK_COLUMNS, *WAFER_DATA_COLUMNS} - hidden
 
 
-@pytest.mark.parametrize("measure", list(Measure))
-def test_engineer_queue_shows_only_picture_guess_measure_score_set_and_lot(
-    measure: Measure,
-) -> None:
+def test_engineer_queue_shows_score_guess_picture_set_and_lot_most_uncertain_first() -> None:
     client = RecordingClient()
-    ids = make_views(cast(LabelStudioClient, client), 7, measure)
+    ids = make_views(cast(LabelStudioClient, client), 7, auto_user=42)
     assert ids == {ENGINEER_VIEW: 1, AUTO_VIEW: 2, UNREADABLE_VIEW: 3}
     queue = client.tabs[ENGINEER_VIEW]
-    measure_column = MEASURE_COLUMN[measure]
-    assert measure_column.removeprefix("data.").replace("_", "-") == measure.value
     assert visible(queue["hidden"]) == {
+        "predictions_score",
+        "predictions_results",
         "data.image",
-        "data.predicted",
-        measure_column,
-        "data.score",
         "data.set",
         "data.lot",
     }
-    assert queue["ordering"] == [UNCERTAIN_FIRST[measure]]
-    assert queue["ordering"][0].lstrip("-") == measure_column
-    assert [f["filter"] for f in queue["filters"]] == [
-        "filter:tasks:total_annotations",
-        "filter:tasks:data.route",
+    # Lowest prediction score (least sure by the routing measure) first.
+    assert queue["ordering"] == [UNCERTAIN_FIRST] == ["tasks:predictions_score"]
+    # Unlabelled wafers that hold a prediction of the project's model version.
+    assert queue["filters"] == [
+        {
+            "filter": "filter:tasks:total_annotations",
+            "operator": "equal",
+            "type": "Number",
+            "value": 0,
+        },
+        {
+            "filter": "filter:tasks:predictions_score",
+            "operator": "greater_or_equal",
+            "type": "Number",
+            "value": 0.0,
+        },
     ]
-    assert queue["types"][measure_column] == "Number"
-    assert queue["types"]["data.score"] == "Number"
 
 
 def test_other_tabs_hide_label_studio_bookkeeping_too() -> None:
     client = RecordingClient()
-    make_views(cast(LabelStudioClient, client), 7, Measure.MARGIN)
-    auto = visible(client.tabs[AUTO_VIEW]["hidden"])
-    assert auto == {*engineer_columns(Measure.MARGIN), "annotators"}
+    make_views(cast(LabelStudioClient, client), 7, auto_user=42)
+    auto = client.tabs[AUTO_VIEW]
+    assert visible(auto["hidden"]) == {*engineer_columns(), "annotators"}
+    # The backend's own labels: annotated by its account.
+    assert auto["filters"] == [
+        {"filter": "filter:tasks:annotators", "operator": "contains", "type": "List", "value": 42}
+    ]
     unreadable = visible(client.tabs[UNREADABLE_VIEW]["hidden"])
     assert unreadable == {
         "data.image",
