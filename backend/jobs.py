@@ -169,6 +169,14 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
                 else None
             )
             if open_set is not None and card is not None and routing is not None:
+                if (
+                    routing.cut is not None
+                    and bench.client.project_model_version(project) != card.version
+                ):
+                    # The pre-annotation stored its predictions but died before pointing the
+                    # project at them: the score filter counts only the project's version.
+                    bench.client.set_model_version(project, card.version)
+                    repaired.append(f"project model version set to {card.version}")
                 left = unaccepted_wafers(bench.client, project, open_set, routing.cut)
                 if left:
                     # The pre-annotation stored every prediction but its accept step did not

@@ -143,16 +143,8 @@ def preannotate_set(
             task_ids, codes, classifier, rule, progress=f"predicting set {set_number}"
         )
         cut = routed.cut
-    stored_count = bench.client.create_predictions(
-        project,
-        [{"task": p.task_id, **to_label_studio(p, bench.labels, version)} for p in predicted],
-        chunk_size=PREDICTION_CHUNK,
-    )
-    for p in failed:
-        if p.task_id is not None:
-            bench.client.update_task_data(p.task_id, _error_data(p, version))
-    if stored_count:
-        bench.client.set_model_version(project, version)
+    # The routing is kept before any prediction is stored: a crash after the predictions
+    # leaves a set whose accept step the next advance finishes with this cut.
     auto = sum(p.route == Route.AUTO.value for p in predicted)
     if predicted or bench.wafers.routing(set_number, version) is None:
         bench.wafers.save_routing(
@@ -166,6 +158,16 @@ def preannotate_set(
                 unreadable=len(failed),
             )
         )
+    stored_count = bench.client.create_predictions(
+        project,
+        [{"task": p.task_id, **to_label_studio(p, bench.labels, version)} for p in predicted],
+        chunk_size=PREDICTION_CHUNK,
+    )
+    for p in failed:
+        if p.task_id is not None:
+            bench.client.update_task_data(p.task_id, _error_data(p, version))
+    if stored_count:
+        bench.client.set_model_version(project, version)
     accepted = accept_confident(bench.client, project, set_number, version, bench.auto_user, cut)
     # Every wafer of the set was tried (unreadable ones are not tried again on every event).
     bench.redis.hset(opened_key(project), str(set_number), version)
