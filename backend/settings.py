@@ -15,7 +15,7 @@ from backend.label_config import DEFAULT_LABEL_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wm811k" / "LSWMD.zip"
-BACKBONES = ("resnet50", "resnet18")
+BACKBONES = ("resnet50", "resnet18", "wafercnn")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Environment variable -> what it sets (printed by `python -m backend settings`, kept in README).

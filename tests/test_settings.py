@@ -121,3 +121,12 @@ def test_image_settings() -> None:
 def test_bad_image_settings_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+def test_the_small_wafer_cnn_is_a_backbone_the_settings_take() -> None:
+    from backend.classifier import build_network
+
+    settings = Settings.from_env({"WAFER_BACKBONE": "wafercnn", "WAFER_IMAGE_SIZE": "48"})
+    assert settings.backbone == "wafercnn" and settings.image_size == 48
+    network = build_network(settings.backbone, 9, seed=0)
+    assert sum(p.numel() for p in network.parameters()) < 1_000_000
