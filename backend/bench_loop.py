@@ -202,8 +202,7 @@ def run_bench_loop(config: LoopBenchConfig, settings: Settings) -> dict[str, Any
         # The first model, trained offline on part of the history (`python -m backend train`).
         device = pick_device(settings.device)
         train_rows = history[_pick(len(history), config.train_wafers, rng)]
-        set0 = store.read_set(0, labels.failure_types)
-        task_of = dict(zip(set0.maps.source_row.tolist(), set0.task_ids.tolist(), strict=True))
+        task_of = store.set_task_ids(0)
         first = history_from_wafers(
             labelled.subset(train_rows),
             settings.image_size,

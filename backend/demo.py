@@ -153,15 +153,14 @@ def publish_first_model(
 ) -> None:
     """Train (or take from the cache) the first model on set 0 and serve it for the project."""
     store = WaferStore.for_project(settings.model_dir, project)
-    set0 = store.read_set(INITIAL_SET, labels.failure_types)
-    task_of = dict(zip(set0.maps.source_row.tolist(), set0.task_ids.tolist(), strict=True))
+    task_of = store.set_task_ids(INITIAL_SET)
     history = history_from_wafers(
         plan.wafers.subset(plan.members(INITIAL_SET)),
         settings.image_size,
         subsample=1.0,
         seed=config.seed,
         task_ids=task_of,
-        origin=f"the demo's set 0 ({len(set0):,} wafers)",
+        origin=f"the demo's set 0 ({len(task_of):,} wafers)",
     )
     device = pick_device(settings.device)
     models = ModelStore.for_project(settings.model_dir, project, device)

@@ -213,6 +213,14 @@ class WaferStore:
                     found[int(t)] = (str(source), int(wafer), number)
         return found
 
+    def set_task_ids(self, set_number: int) -> dict[int, int]:
+        """wafer id -> task id of the set's stored wafers (id arrays only, no die map read)."""
+        return {
+            wafer: task_id
+            for task_id, (_, wafer, number) in self.wafer_index().items()
+            if number == set_number
+        }
+
     def sets(self) -> list[int]:
         """The set numbers with stored wafers, ascending."""
         if not self.root.is_dir():

@@ -166,3 +166,12 @@ def test_the_import_asks_the_store_only_when_it_knows_every_task(tmp_path: Path)
     assert _stored_wafers(cast(LabelStudioClient, Counting(6)), 1, "LSWMD", store) is None
     assert _stored_wafers(cast(LabelStudioClient, Counting(4)), 1, "LSWMD", store) is None
     assert _stored_wafers(same, 1, "LSWMD", None) is None
+
+
+def test_set_task_ids_map_wafer_ids_to_tasks_of_one_set(tmp_path: Path) -> None:
+    store = WaferStore(tmp_path)
+    store.add(0, [1, 2, 3], "LSWMD", wafers(3))  # wafer ids 100..102
+    store.add(1, [4, 5], "LSWMD", wafers(2, first_row=200))
+    assert store.set_task_ids(0) == {100: 1, 101: 2, 102: 3}
+    assert store.set_task_ids(1) == {200: 4, 201: 5}
+    assert store.set_task_ids(2) == {}
