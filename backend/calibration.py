@@ -174,3 +174,37 @@ def calibrate(
     return result(
         float(thresholds[i]), float(predicted[i]), float(1.0 - auto_fraction[i]), int(errors[i])
     )
+
+
+@dataclass(frozen=True)
+class ScoreCut:
+    """A cut on any score (higher = more likely wrong) chosen for a labeling-accuracy target:
+    wafers with score > ``threshold`` go to an engineer (``-inf``: all of them)."""
+
+    threshold: float
+    predicted_accuracy: float
+    expected_engineer_ratio: float
+    validation_auto_errors: int
+
+    def needs_engineer(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.asarray(scores, dtype=np.float64) > self.threshold, dtype=np.bool_)
+
+
+def calibrate_scores(
+    val_scores: npt.ArrayLike,
+    val_correct: npt.ArrayLike,
+    target_accuracy: float,
+    confidence: float = 0.9,
+    new_scores: npt.ArrayLike | None = None,
+) -> ScoreCut:
+    """`calibrate` for a score that is not one of the softmax measures (an estimated error
+    probability, an 8-view score): the same search, Wilson bound and tie rules."""
+    cal = calibrate(
+        val_scores, val_correct, Measure.LEAST_CONFIDENCE, target_accuracy, confidence, new_scores
+    )
+    return ScoreCut(
+        cal.rule.threshold,
+        cal.predicted_accuracy,
+        cal.expected_engineer_ratio,
+        cal.validation_auto_errors,
+    )

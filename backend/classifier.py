@@ -226,6 +226,36 @@ class WaferClassifier:
                 out[part] = torch.softmax(logits, dim=1).double().cpu().numpy()
         return out
 
+    def predict_logits(
+        self,
+        codes: npt.NDArray[np.uint8],
+        views: int = 1,
+        batch_size: int = 256,
+        progress: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Logits (views, n, classes), the card's logit adjustment included, for die codes
+        (n, S, S) drawn in the first ``views`` of the wafer's 8 symmetries: rotations by 0, 90,
+        180 and 270 degrees, then the same mirrored left-right (as training draws them)."""
+        size = self.card.image_size
+        if codes.ndim != 3 or codes.shape[1:] != (size, size):
+            raise ValueError(f"expected die codes (n, {size}, {size}), got {codes.shape}")
+        if not 1 <= views <= 8:
+            raise ValueError(f"views must be 1..8, got {views}")
+        adjust = torch.tensor(self.card.logit_adjustment, device=self.device)
+        out = np.empty((views, len(codes), len(self.card.failure_types)), dtype=np.float32)
+        self.network.eval()
+        steps = list(batches(len(codes), batch_size))
+        with torch.inference_mode(), autocast(self.device):
+            for part in tqdm(steps, desc=progress, disable=progress is None, leave=False):
+                x = torch.from_numpy(codes[part]).to(self.device, non_blocking=True)
+                for v in range(views):
+                    drawn = torch.rot90(x, v % 4, dims=(1, 2))
+                    if v >= 4:
+                        drawn = torch.flip(drawn, dims=(2,))
+                    logits = self.network(to_inputs(drawn)).float() + adjust
+                    out[v, part] = logits.cpu().numpy()
+        return out
+
 
 def save_version(classifier: WaferClassifier, path: Path) -> Path:
     """Write a model version atomically: a temporary file beside `path`, then a rename.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -292,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (cpu)"
     )
+    routes = sub.add_parser(
+        "routing-study",
+        help="compare routing methods (temperature, per-type, 8 views, novelty) on a study run",
+    )
+    routes.add_argument("out", type=Path, help="the study run's directory (simulate --out)")
+    _add_data_flags(routes)
+    routes.add_argument("--target-accuracy", type=float, default=0.995)
+    routes.add_argument("--confidence", type=float, default=0.9)
+    routes.add_argument("--views", type=int, choices=(1, 8), default=8, help="drawings per wafer")
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -398,6 +408,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.command == "bench":
         return _bench(args, settings, labels)
+    if args.command == "routing-study":
+        return _routing_study(args, settings, labels)
     if args.command == "train":
         from backend.cli_labelstudio import run_train
 
@@ -433,6 +445,30 @@ def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) ->
     if args.json is not None:
         write_json(result, args.json)
         print(f"figures written to {args.json}")
+    return 0
+
+
+def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.routing_study import run_routing_study
+    from backend.study import Study, StudyConfig
+
+    config_file = args.out / "config.json"
+    if not config_file.is_file():
+        print(f"{args.out}: no study run here (no config.json)", file=sys.stderr)
+        return 2
+    saved = json.loads(config_file.read_text())
+    config = StudyConfig(**(saved | {"loops": tuple(saved["loops"])}))
+    wafers, _ = _load(settings, labels)
+    study = Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+    run_routing_study(
+        study,
+        args.target_accuracy,
+        args.confidence,
+        args.views,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    print((args.out / "routing-study" / "results.md").read_text())
+    print(f"results and the accuracy-vs-engineer-ratio plot in {args.out}/routing-study/")
     return 0
 
 

@@ -103,3 +103,40 @@ def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def routing_curves(methods: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Each routing method's best-cut curve (labeling accuracy against engineer labels) over the
+    loop's sets, its calibrated point on it, and the study's published points."""
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for i, m in enumerate(x for x in methods if x.get("scope") == "loop"):
+        c = colours(i % 10)
+        curve = m["curve"]
+        ax.plot(
+            100 * np.asarray(curve["engineer_ratio"]),
+            100 * np.asarray(curve["accuracy"]),
+            color=c,
+            lw=1.2,
+            label=m["name"],
+        )
+        ax.scatter(100 * m["engineer_ratio"], 100 * m["accuracy"], color=c, marker="*", s=110)
+    for r in STUDY_REFERENCE:
+        ax.scatter(
+            100 * r["engineer_ratio"],
+            100 * r["accuracy"],
+            s=60,
+            facecolors="none",
+            edgecolors="black",
+        )
+        ax.annotate(r["name"], (100 * r["engineer_ratio"], 100 * r["accuracy"]), fontsize=6)
+    ax.set_xlim(0, 30)
+    ax.set_ylim(96.5, 100.05)
+    ax.axhline(99.57, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("engineer labels (% of wafers)")
+    ax.set_ylabel("labeling accuracy (%)")
+    ax.set_title("Routing methods: best cut (lines) and calibrated at the target (stars)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)

@@ -144,6 +144,23 @@ class Phase:
     engineer: npt.NDArray[np.bool_]
     threshold: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: The held-out wafers the phase's model was checked (and the routing calibrated) on:
+    #: indices into the study's wafers, the model's probabilities and the true labels. Empty in
+    #: phases saved before these were kept.
+    val_members: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    val_probs: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 0)))
+    val_true: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass
+class Trained:
+    """A phase's model and how it did on its held-out wafers (indices into the study's wafers)."""
+
+    model: WaferClassifier
+    val_members: npt.NDArray[np.intp]
+    val_probs: npt.NDArray[np.float64]
+    val_true: npt.NDArray[np.int64]
+    info: dict[str, Any]
 
 
 class Study:
@@ -252,7 +269,7 @@ class Study:
         desc: str,
         start_from: WaferClassifier | None = None,
         held_out: npt.NDArray[np.bool_] | None = None,
-    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+    ) -> Trained:
         """Train on `members` with `labels` (stratified hold-out for validation, or the wafers
         marked in `held_out`).
 
@@ -304,7 +321,7 @@ class Study:
         val_members: npt.NDArray[np.intp],
         val_labels: npt.NDArray[np.int64],
         train_wafers: int,
-    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+    ) -> Trained:
         """The trained model, its held-out probabilities and labels, and the phase's figures."""
         model = WaferClassifier(network=network, card=card, device=self.device)
         start = time.perf_counter()
@@ -319,7 +336,7 @@ class Study:
             "final_loss": report.loss_per_epoch[-1],
             "validation_predict_seconds": time.perf_counter() - start,
         } | {f"validation_{k}": v for k, v in model_scores(val_probs, val_labels).items()}
-        return model, val_probs, val_labels, info
+        return Trained(model, val_members, val_probs, val_labels, info)
 
     def train_bounded_phase(
         self,
@@ -330,7 +347,7 @@ class Study:
         seed: int,
         desc: str,
         start_from: WaferClassifier,
-    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+    ) -> Trained:
         """Continue `start_from` on the new wafers plus a replay sample (backend.replay),
         within the phase budget, early stopping on held-out person-labelled wafers."""
         c = self.config
@@ -357,7 +374,7 @@ class Study:
             logit_adjustment=tuple(adjust),
             training=tc.to_dict() | {"wafers": len(plan.train), "budget": plan.budget},
         )
-        model, val_probs, val_true, info = self._finish(
+        trained = self._finish(
             start_from.network,
             card,
             report,
@@ -365,14 +382,14 @@ class Study:
             labels[plan.validation],
             len(plan.train),
         )
-        info |= {
+        trained.info |= {
             "new_wafers": plan.new,
             "replay_wafers": plan.replay,
             "phase_budget": plan.budget,
             "best_samples": report.best_samples,
             "validation_losses": list(report.validation_losses),
         }
-        return model, val_probs, val_true, info
+        return trained
 
     def route(
         self,
@@ -406,6 +423,10 @@ class Study:
     def _phase_path(self, loop: str, set_number: int) -> Path:
         return self.out / "phases" / loop / f"set{set_number}.npz"
 
+    def phase_model_path(self, loop: str, set_number: int) -> Path:
+        """The model that predicted set `set_number` in `loop` (kept for the calibrated loop)."""
+        return self.out / "models" / loop / f"set{set_number}.pt"
+
     def _save_phase(self, path: Path, phase: Phase) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -415,6 +436,9 @@ class Study:
             engineer=phase.engineer,
             threshold=np.float64(phase.threshold),
             info=np.array(json.dumps(json_safe(phase.info))),
+            val_members=phase.val_members,
+            val_probs=phase.val_probs,
+            val_true=phase.val_true,
         )
         tmp.replace(path)
 
@@ -426,11 +450,10 @@ class Study:
                 engineer=data["engineer"],
                 threshold=float(data["threshold"]),
                 info=json.loads(str(data["info"])),
+                **{k: data[k] for k in ("val_members", "val_probs", "val_true") if k in data},
             )
 
-    def initial_model(
-        self,
-    ) -> tuple[WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]]:
+    def initial_model(self) -> Trained:
         """The model trained on the initial set (true labels), shared by every loop.
 
         Trained once per run directory; later calls (and resumed runs) read it back.
@@ -440,8 +463,9 @@ class Study:
         held_out = self.out / "phases" / "initial.npz"
         if model_path.exists() and held_out.exists():
             with np.load(held_out, allow_pickle=False) as data:
-                return (
+                return Trained(
                     load_version(model_path, self.device),
+                    data["val_members"] if "val_members" in data else np.zeros(0, np.intp),
                     data["val_probs"],
                     data["val_true"],
                     json.loads(str(data["info"])),
@@ -454,21 +478,25 @@ class Study:
         )
         if person_check is not None and (person_check.all() or not person_check.any()):
             person_check = None
-        model, val_probs, val_true, info = self.train_phase(
+        trained = self.train_phase(
             members,
             self.true[members],
             self._seed("initial", 0),
             "initial set",
             held_out=person_check,
         )
-        save_version(model, model_path)
+        save_version(trained.model, model_path)
         held_out.parent.mkdir(parents=True, exist_ok=True)
         tmp = held_out.with_suffix(".tmp.npz")
         np.savez(
-            tmp, val_probs=val_probs, val_true=val_true, info=np.array(json.dumps(json_safe(info)))
+            tmp,
+            val_members=trained.val_members,
+            val_probs=trained.val_probs,
+            val_true=trained.val_true,
+            info=np.array(json.dumps(json_safe(trained.info))),
         )
         tmp.replace(held_out)
-        return model, val_probs, val_true, info
+        return trained
 
     def run(self) -> dict[str, Any]:
         """All loops (resuming finished phases), then baselines and the report."""
@@ -485,7 +513,7 @@ class Study:
         reject_path = self.out / "phases" / "reject-option.npz"
         if not reject_path.exists():
             rest = self.codes[self.split.rest()]
-            probs = initial[0].predict_proba(rest, progress="reject option")
+            probs = initial.model.predict_proba(rest, progress="reject option")
             np.savez(reject_path.with_suffix(".tmp.npz"), probs=probs)
             reject_path.with_suffix(".tmp.npz").replace(reject_path)
         with np.load(reject_path) as data:
@@ -496,9 +524,7 @@ class Study:
     def run_loop(
         self,
         loop: str,
-        initial: tuple[
-            WaferClassifier, npt.NDArray[np.float64], npt.NDArray[np.int64], dict[str, Any]
-        ],
+        initial: Trained,
         progress: tqdm[Any],
     ) -> list[Phase]:
         """One method's pass over the sets; finished phases are read back, not redone."""
@@ -514,8 +540,13 @@ class Study:
                 phase = self._load_phase(path)
             else:
                 if k == 1:
-                    model, val_probs, val_true, info = initial
-                    info = dict(info)
+                    trained = Trained(
+                        initial.model,
+                        initial.val_members,
+                        initial.val_probs,
+                        initial.val_true,
+                        dict(initial.info),
+                    )
                 else:
                     start_from = None
                     if c.retrain in ("warm", "bounded"):
@@ -526,7 +557,7 @@ class Study:
                     if c.retrain == "bounded" and start_from is not None:
                         is_new = [np.zeros(len(m), dtype=bool) for m in labelled]
                         is_new[-1][:] = True
-                        model, val_probs, val_true, info = self.train_bounded_phase(
+                        trained = self.train_bounded_phase(
                             np.concatenate(labelled),
                             np.concatenate(labels),
                             np.concatenate(by_person),
@@ -536,13 +567,14 @@ class Study:
                             start_from,
                         )
                     else:
-                        model, val_probs, val_true, info = self.train_phase(
+                        trained = self.train_phase(
                             np.concatenate(labelled),
                             np.concatenate(labels),
                             self._seed(loop, k),
                             f"{loop} set {k}",
                             start_from=start_from,
                         )
+                model, info = trained.model, trained.info
                 t0 = time.perf_counter()
                 probs = model.predict_proba(self.codes[members], progress=f"predict set {k}")
                 info |= {
@@ -553,10 +585,23 @@ class Study:
                 info["predict_wafers_per_second"] = len(members) / max(
                     info["predict_seconds"], 1e-9
                 )
-                engineer, threshold, notes = self.route(loop, probs, val_probs, val_true)
-                phase = Phase(probs, engineer, threshold, info | notes)
+                engineer, threshold, notes = self.route(
+                    loop, probs, trained.val_probs, trained.val_true
+                )
+                phase = Phase(
+                    probs,
+                    engineer,
+                    threshold,
+                    info | notes,
+                    trained.val_members,
+                    trained.val_probs,
+                    trained.val_true,
+                )
                 if c.retrain in ("warm", "bounded"):
                     save_version(model, latest)
+                if loop == "calibrated":
+                    # kept for routing studies after the run (backend.routing_study)
+                    save_version(model, self.phase_model_path(loop, k))
                 self._save_phase(path, phase)
             done.append(phase)
             labelled.append(members)

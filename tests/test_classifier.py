@@ -125,6 +125,27 @@ def test_version_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.predict_proba(codes), model.predict_proba(codes), atol=1e-6)
 
 
+def test_logits_in_eight_views_are_the_probabilities_of_the_drawn_wafer() -> None:
+    model = small_model()
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, (5, 16, 16)).astype(np.uint8)
+    views = model.predict_logits(codes, views=8)
+    assert views.shape == (8, 5, 3)
+    # view 0 is the wafer as drawn; its softmax is predict_proba (logit adjustment included)
+    np.testing.assert_allclose(
+        torch.softmax(torch.from_numpy(views[0]), 1).numpy(), model.predict_proba(codes), atol=1e-5
+    )
+    # view 1 (a quarter turn) of a wafer is view 0 of the same wafer turned by hand
+    turned = np.ascontiguousarray(np.rot90(codes, 1, axes=(1, 2)))
+    np.testing.assert_allclose(views[1], model.predict_logits(turned)[0], atol=1e-4)
+    # a wafer with all 8 symmetries looks the same in every view
+    plain = np.ones((1, 16, 16), np.uint8)
+    same = model.predict_logits(plain, views=8)
+    np.testing.assert_allclose(same, np.broadcast_to(same[:1], same.shape), atol=1e-4)
+    with pytest.raises(ValueError, match="views"):
+        model.predict_logits(codes, views=9)
+
+
 def test_a_crash_while_saving_keeps_the_old_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

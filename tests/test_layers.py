@@ -25,6 +25,11 @@ LAYERS = {
         "metrics",
         "report",
         "replay",
+        "temperature",
+        "novelty",
+        "symmetric_views",
+        "class_errors",
+        "routing_methods",
     },
     1: {
         "classifier",
@@ -44,6 +49,7 @@ LAYERS = {
     },
     2: {
         "study",
+        "routing_study",
         "size_benchmark",
         "predictions",
         "wafer_sets",

@@ -231,3 +231,37 @@ def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "phases").rglob("*.npz"))]
     assert main(args) == 0
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "phases").rglob("*.npz"))] == stamps
+
+
+def test_routing_study_compares_methods_on_the_calibrated_loops_models(
+    study: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out: Path = study["out"]
+    results = study["results"]
+    # each calibrated phase keeps its model and the held-out wafers its routing was calibrated on
+    for k in range(1, len(results["wafers"]["sets"]) + 1):
+        assert (out / "models" / "calibrated" / f"set{k}.pt").is_file()
+        with np.load(out / "phases" / "calibrated" / f"set{k}.npz") as data:
+            assert len(data["val_members"]) == len(data["val_true"]) == len(data["val_probs"]) > 0
+    cache = study["args"][study["args"].index("--cache-dir") + 1]
+    assert main(["routing-study", str(out), "--cache-dir", cache]) == 0
+    assert "| per-type 8 views + novelty | loop |" in capsys.readouterr().out
+    routed = json.loads((out / "routing-study" / "results.json").read_text())
+    loop_wafers = sum(results["wafers"]["sets"])
+    names = {(m["name"], m["scope"]) for m in routed["methods"]}
+    assert ("margin", "loop") in names and ("8 views", "reject option") in names
+    for m in routed["methods"]:
+        assert m["total"] == loop_wafers
+        assert m["engineer_labels"] + m["auto_labels"] == m["total"]
+        assert 0 <= m["best_cut_engineer_ratio_for_study_best"] <= 1
+        assert m["curve"]["engineer_ratio"][0] == 0 and m["curve"]["engineer_ratio"][-1] == 1
+        assert m["curve"]["accuracy"][-1] == 1.0
+    # plain margin on the kept models agrees with the loop's own routing measure and predictions
+    margin = next(m for m in routed["methods"] if m["name"] == "margin" and m["scope"] == "loop")
+    assert margin["model_accuracy"] == pytest.approx(
+        np.mean([p["set_accuracy"] for p in results["phases"]["calibrated"]]), abs=0.02
+    )
+    assert len(routed["calibration"]) == len(results["wafers"]["sets"]) + 1
+    assert all(c["ece_after"] <= c["ece_before"] + 0.05 for c in routed["calibration"])
+    assert (out / "routing-study" / "accuracy_vs_engineer_ratio.png").stat().st_size > 10_000
+    assert (out / "routing-study" / "evidence-set1.npz").is_file()
