@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--retrain bounded: earlier wafers replayed per new wafer (1.0)",
     )
     sim.add_argument(
+        "--retrain-lr-scale",
+        type=float,
+        default=1.0,
+        help="--retrain bounded: peak learning rate as a share of a fresh training's (1.0)",
+    )
+    sim.add_argument(
         "--loops",
         default="least-confidence,margin,entropy,calibrated,auto-labeling",
         help="comma-separated methods that run their own retraining loop",
@@ -302,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--target-accuracy", type=float, default=0.995)
     routes.add_argument("--confidence", type=float, default=0.9)
     routes.add_argument("--views", type=int, choices=(1, 8), default=8, help="drawings per wafer")
+    routes.add_argument(
+        "--hold-out",
+        choices=("initial", "phase"),
+        default="initial",
+        help="calibrate each cut on the initial set's held-out wafers (random; bounded runs) "
+        "or on the phase's own person-labelled hold-out (as the loop did)",
+    )
+    routes.add_argument(
+        "--reject-option-views",
+        type=int,
+        choices=(0, 1, 8),
+        default=1,
+        help="drawings per wafer for the initial model on every later wafer (1; 0 = skip)",
+    )
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -466,9 +486,12 @@ def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelCo
         args.confidence,
         args.views,
         log=lambda s: print(s, file=sys.stderr),
+        reject_option_views=args.reject_option_views,
+        hold_out=args.hold_out,
     )
-    print((args.out / "routing-study" / "results.md").read_text())
-    print(f"results and the accuracy-vs-engineer-ratio plot in {args.out}/routing-study/")
+    out = args.out / "routing-study" / args.hold_out
+    print((out / "results.md").read_text())
+    print(f"results and the accuracy-vs-engineer-ratio plot in {out}/")
     return 0
 
 
@@ -489,6 +512,7 @@ def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
         retrain=args.retrain,
         phase_budget=args.phase_budget,
         replay_per_new_wafer=args.replay_per_new_wafer,
+        retrain_learning_rate_scale=args.retrain_lr_scale,
         validation_fraction=args.validation_fraction,
         loops=tuple(x.strip() for x in args.loops.split(",") if x.strip()),
         target_accuracy=args.target_accuracy,

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from backend import plots
 from backend.classifier import load_version
+from backend.metrics import confusion_matrix, macro_f1
 from backend.report import STUDY_REFERENCE, SetOutcome, summarize
 from backend.routing_methods import (
     METHODS,
@@ -43,15 +44,35 @@ from backend.temperature import expected_calibration_error, fit_temperature, sof
 STUDY_BEST_ACCURACY = 0.9957
 
 
-def _evidence_path(study: Study, name: str) -> Path:
-    return study.out / "routing-study" / f"evidence-{name}.npz"
+#: Which held-out wafers a set's cut is calibrated on: the initial set's (drawn at random, like
+#: the sets, and never trained on by a bounded run's models) or the phase's own (the
+#: person-labelled hold-out the loop used, which fills up with engineer-labelled wafers, i.e.
+#: wafers chosen for being uncertain).
+HOLD_OUTS = ("initial", "phase")
+
+
+def _evidence_path(study: Study, name: str, hold_out: str) -> Path:
+    return study.out / "routing-study" / f"evidence-{name}-{hold_out}.npz"
 
 
 def collect_evidence(
-    study: Study, views: int = 8, log: Callable[[str], None] = print
+    study: Study,
+    views: int = 8,
+    log: Callable[[str], None] = print,
+    reject_option_views: int = 1,
+    hold_out: str = "initial",
 ) -> dict[str, Evidence]:
-    """Model outputs for every finished set of the calibrated loop and for the reject option,
-    predicted once and kept in DIR/routing-study; sets without a kept model are left out."""
+    """Model outputs for every finished set of the calibrated loop (in ``views`` drawings) and
+    for the reject option (in ``reject_option_views``; 0 leaves it out), predicted once and kept
+    in DIR/routing-study; sets without a kept model are left out. ``hold_out`` (`HOLD_OUTS`)
+    says which held-out wafers come with each set."""
+    if hold_out not in HOLD_OUTS:
+        raise ValueError(f"hold_out must be one of {', '.join(HOLD_OUTS)}, got {hold_out!r}")
+    if hold_out == "initial" and study.config.retrain != "bounded":
+        raise ValueError(
+            "the initial set's held-out wafers are only held out of every model in a "
+            "--retrain bounded run; use the phase hold-out"
+        )
     out: dict[str, Evidence] = {}
     jobs: list[tuple[str, Path, Path, npt.NDArray[np.intp]]] = []
     for k, members in enumerate(study.split.sets, start=1):
@@ -65,29 +86,33 @@ def collect_evidence(
         )
     jobs.append(
         (
-            "reject-option",
+            "reject-option" if reject_option_views else "",
             study.out / "models" / "initial.pt",
             study.out / "phases" / "initial.npz",
             study.split.rest(),
         )
     )
     for name, model_path, phase_path, members in jobs:
-        path = _evidence_path(study, name)
+        if not name:
+            continue
+        wanted = reject_option_views if name == "reject-option" else views
+        path = _evidence_path(study, name, hold_out)
         if path.exists():
             with np.load(path) as data:
-                if data["logits"].shape[0] >= views:
+                if data["logits"].shape[0] >= wanted:
                     out[name] = Evidence(
-                        data["logits"][:views],
+                        data["logits"][:wanted],
                         data["true"],
-                        data["val_logits"][:views],
+                        data["val_logits"][:wanted],
                         data["val_true"],
                     )
                     continue
         if not model_path.exists() or not phase_path.exists():
             continue
-        with np.load(phase_path) as phase:
+        held = phase_path if hold_out == "phase" else study.out / "phases" / "initial.npz"
+        with np.load(held) as phase:
             if "val_members" not in phase or not len(phase["val_members"]):
-                log(f"{phase_path}: no held-out wafers kept (a run from before they were); skipped")
+                log(f"{held}: no held-out wafers kept (a run from before they were); skipped")
                 continue
             val_members = phase["val_members"]
             val_true = phase["val_true"]
@@ -96,13 +121,13 @@ def collect_evidence(
         model = load_version(model_path, study.device)
         start = time.perf_counter()
         logits = model.predict_logits(
-            study.codes[members], views, progress=f"{name}: {views} views"
+            study.codes[members], wanted, progress=f"{name}: {wanted} views"
         )
-        val_logits = model.predict_logits(study.codes[val_members], views)
+        val_logits = model.predict_logits(study.codes[val_members], wanted)
         seconds = time.perf_counter() - start
         log(
-            f"{name}: {len(members) + len(val_members):,} wafers x {views} views in {seconds:.0f} s "
-            f"({views * (len(members) + len(val_members)) / seconds:,.0f} drawings/s)"
+            f"{name}: {len(members) + len(val_members):,} wafers x {wanted} views in {seconds:.0f} s "
+            f"({wanted * (len(members) + len(val_members)) / seconds:,.0f} drawings/s)"
         )
         e = Evidence(logits, study.true[members], val_logits, val_true.astype(np.int64))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,11 +158,9 @@ def compare_methods(
     sets = sorted((n for n in evidence if n.startswith("set")), key=lambda n: int(n[3:]))
     rows: list[dict[str, Any]] = []
     for name in methods:
-        if name in NEEDS_VIEWS and any(evidence[s].views < 8 for s in evidence):
-            continue
         for scope, parts in (("loop", sets), ("reject option", ["reject-option"])):
             parts = [p for p in parts if p in evidence]
-            if not parts:
+            if not parts or (name in NEEDS_VIEWS and any(evidence[p].views < 8 for p in parts)):
                 continue
             outcomes, met, scores, autos, trues = [], [], [], [], []
             for p in parts:
@@ -167,6 +190,9 @@ def compare_methods(
                     score, auto, true, STUDY_BEST_ACCURACY
                 ),
                 "model_accuracy": float(np.mean(auto == true)),
+                "model_macro_f1": macro_f1(
+                    confusion_matrix(true, auto, len(labels.failure_types)), labels.defect_classes
+                ),
                 "curve": _curve_points(score, auto, true),
             }
             rows.append(row)
@@ -199,17 +225,19 @@ def _pct(x: float) -> str:
 def markdown(results: dict[str, Any], target: float) -> str:
     lines = [
         f"Routing methods at a promised {100 * target:g}% labeling accuracy "
-        "(calibrated cut per set on its held-out wafers).",
+        f"(cut calibrated per set at {100 * results['confidence']:g}% confidence on the "
+        f"{results['hold_out']} hold-out).",
         "",
         "| method | scope | wafers | engineer ratio | errors | labeling accuracy | macro-F1 "
-        "| sets meeting target | model accuracy | best cut's engineer ratio for 99.57% |",
+        "| sets meeting target | model accuracy / macro-F1 | best cut's engineer ratio for 99.57% |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in results["methods"]:
         lines.append(
             f"| {m['name']} | {m['scope']} | {m['total']:,} | {_pct(m['engineer_ratio'])} | "
             f"{m['errors']:,} | {_pct(m['accuracy'])} | {m['macro_f1']:.4f} | "
-            f"{m['target_met_in_sets']}/{m['sets']} | {_pct(m['model_accuracy'])} | "
+            f"{m['target_met_in_sets']}/{m['sets']} | {_pct(m['model_accuracy'])} / "
+            f"{m['model_macro_f1']:.3f} | "
             f"{_pct(m['best_cut_engineer_ratio_for_study_best'])} |"
         )
     lines += ["", "Per set (engineer ratio / labeling accuracy):", ""]
@@ -245,16 +273,28 @@ def run_routing_study(
     confidence: float = 0.9,
     views: int = 8,
     log: Callable[[str], None] = print,
+    reject_option_views: int = 1,
+    hold_out: str = "initial",
 ) -> dict[str, Any]:
-    """Collect what is missing, compare every method, write DIR/routing-study/results.*."""
-    evidence = collect_evidence(study, views, log)
+    """Collect what is missing, compare every method, write DIR/routing-study/results.*.
+
+    The reject option (the initial model on every later wafer: 155,655 at full scale) is
+    predicted in ``reject_option_views`` drawings (0: left out)."""
+    evidence = collect_evidence(study, views, log, reject_option_views, hold_out)
     if not evidence:
         raise ValueError(
             f"{study.out} has no calibrated-loop models with kept held-out wafers to compare on"
         )
     results = compare_methods(study, evidence, target, confidence)
-    results |= {"target_accuracy": target, "confidence": confidence, "views": views}
-    out = study.out / "routing-study"
+    results |= {
+        "target_accuracy": target,
+        "confidence": confidence,
+        "views": views,
+        "reject_option_views": reject_option_views,
+        "hold_out": hold_out,
+    }
+    out = study.out / "routing-study" / hold_out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
     (out / "results.md").write_text(markdown(results, target))
     plots.routing_curves(results["methods"], out / "accuracy_vs_engineer_ratio.png")

@@ -99,6 +99,8 @@ class StudyConfig:
     #: and replayed earlier wafers per new wafer.
     phase_budget: int | None = None
     replay_per_new_wafer: float = 1.0
+    #: Peak learning rate of a bounded retraining, as a share of a fresh training's.
+    retrain_learning_rate_scale: float = 1.0
     validation_fraction: float = 0.1
     loops: tuple[str, ...] = ALL_LOOPS
     target_accuracy: float = 0.995
@@ -127,6 +129,7 @@ class StudyConfig:
             phase_budget=self.phase_budget,
             samples_per_new_wafer=float(self.epochs),
             replay_per_new_wafer=self.replay_per_new_wafer,
+            learning_rate_scale=self.retrain_learning_rate_scale,
             validation_fraction=self.validation_fraction,
         )
 

@@ -198,7 +198,7 @@ def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
         "--retrain",
         "bounded",
         "--loops",
-        "margin",
+        "margin,calibrated",
         "--out",
         str(tmp_path),
     ]
@@ -232,6 +232,20 @@ def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
     assert main(args) == 0
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "phases").rglob("*.npz"))] == stamps
 
+    # the routing study calibrates every set's cut on the initial set's held-out wafers, which
+    # no model of a bounded run trained on
+    routing = ["routing-study", str(tmp_path), "--cache-dir", str(real_cache_dir)]
+    assert main([*routing, "--views", "1", "--reject-option-views", "0"]) == 0
+    with np.load(tmp_path / "phases" / "initial.npz") as initial:
+        held_out = initial["val_members"]
+    for k in range(1, len(sets) + 1):
+        with np.load(tmp_path / "routing-study" / f"evidence-set{k}-initial.npz") as evidence:
+            assert evidence["val_true"].tolist() == true[held_out].tolist()
+            assert evidence["logits"].shape[:2] == (1, sets[k - 1])
+    routed = json.loads((tmp_path / "routing-study" / "initial" / "results.json").read_text())
+    assert {m["scope"] for m in routed["methods"]} == {"loop"}
+    assert "8 views" not in {m["name"] for m in routed["methods"]}  # one drawing only
+
 
 def test_routing_study_compares_methods_on_the_calibrated_loops_models(
     study: dict[str, Any], capsys: pytest.CaptureFixture[str]
@@ -244,12 +258,17 @@ def test_routing_study_compares_methods_on_the_calibrated_loops_models(
         with np.load(out / "phases" / "calibrated" / f"set{k}.npz") as data:
             assert len(data["val_members"]) == len(data["val_true"]) == len(data["val_probs"]) > 0
     cache = study["args"][study["args"].index("--cache-dir") + 1]
-    assert main(["routing-study", str(out), "--cache-dir", cache]) == 0
+    # a run that retrains from scratch trains later models on the initial set's held-out wafers
+    assert main(["routing-study", str(out), "--cache-dir", cache]) == 2
+    assert "only held out of every model in a --retrain bounded run" in capsys.readouterr().err
+    assert main(["routing-study", str(out), "--cache-dir", cache, "--hold-out", "phase"]) == 0
     assert "| per-type 8 views + novelty | loop |" in capsys.readouterr().out
-    routed = json.loads((out / "routing-study" / "results.json").read_text())
+    routed = json.loads((out / "routing-study" / "phase" / "results.json").read_text())
     loop_wafers = sum(results["wafers"]["sets"])
     names = {(m["name"], m["scope"]) for m in routed["methods"]}
-    assert ("margin", "loop") in names and ("8 views", "reject option") in names
+    assert ("8 views", "loop") in names and ("margin", "reject option") in names
+    # the reject option is predicted in one drawing by default, so no 8-view methods there
+    assert ("8 views", "reject option") not in names
     for m in routed["methods"]:
         assert m["total"] == loop_wafers
         assert m["engineer_labels"] + m["auto_labels"] == m["total"]
@@ -261,7 +280,9 @@ def test_routing_study_compares_methods_on_the_calibrated_loops_models(
     assert margin["model_accuracy"] == pytest.approx(
         np.mean([p["set_accuracy"] for p in results["phases"]["calibrated"]]), abs=0.02
     )
-    assert len(routed["calibration"]) == len(results["wafers"]["sets"]) + 1
+    assert len(routed["calibration"]) == len(results["wafers"]["sets"]) + 1  # and the reject option
     assert all(c["ece_after"] <= c["ece_before"] + 0.05 for c in routed["calibration"])
-    assert (out / "routing-study" / "accuracy_vs_engineer_ratio.png").stat().st_size > 10_000
-    assert (out / "routing-study" / "evidence-set1.npz").is_file()
+    assert (
+        out / "routing-study" / "phase" / "accuracy_vs_engineer_ratio.png"
+    ).stat().st_size > 10_000
+    assert (out / "routing-study" / "evidence-set1-phase.npz").is_file()
