@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--retrain bounded: earlier wafers replayed per new wafer (1.0)",
     )
     sim.add_argument(
+        "--calibrate-on",
+        choices=("phase", "initial"),
+        default="phase",
+        help="held-out wafers of the calibrated cut: the phase's person labels (phase) or the "
+        "initial set's random share (initial; --retrain bounded only)",
+    )
+    sim.add_argument(
         "--retrain-lr-scale",
         type=float,
         default=1.0,
@@ -517,6 +524,7 @@ def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
         loops=tuple(x.strip() for x in args.loops.split(",") if x.strip()),
         target_accuracy=args.target_accuracy,
         calibration_measure=args.calibration_measure,
+        calibrate_on=args.calibrate_on,
         confidence=args.confidence,
         seed=args.seed,
         device=settings.device,

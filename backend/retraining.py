@@ -33,7 +33,7 @@ from backend.loop_state import (
     trained_through,
 )
 from backend.replay import RetrainPolicy, plan_retraining
-from backend.splits import stable_holdout
+from backend.splits import stable_holdout, unrouted_holdout
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
 from backend.uncertainty import Measure, uncertainty
 from backend.workbench import Workbench
@@ -232,10 +232,24 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     )
     model = WaferClassifier(network=network, card=card, device=bench.store.device)
     metrics: dict[str, float] = {"train_wafers": float(len(train))}
-    if len(val):
-        probs = model.predict_proba(codes[val])
+    # Routing is calibrated on the held-out wafers of sets persons labelled completely when
+    # there are enough of them (`backend.splits.unrouted_holdout`): a routed set's engineer
+    # labels are its most uncertain wafers and would make every later cut too cautious.
+    val_mask = np.zeros(len(codes), dtype=np.bool_)
+    val_mask[val] = True
+    fair, unrouted = unrouted_holdout(val_mask, examples.by_person, examples.set_numbers)
+    calibration_wafers = np.flatnonzero(fair)
+    if len(calibration_wafers):
+        probs = model.predict_proba(codes[calibration_wafers])
         card, calibration = with_validation(
-            card, probs, classes[val], Measure(s.route_measure), s.target_accuracy
+            card, probs, classes[calibration_wafers], Measure(s.route_measure), s.target_accuracy
+        )
+        card = dataclasses.replace(
+            card,
+            training={
+                **card.training,
+                "calibration_wafers": "unrouted sets" if unrouted else "all person labels",
+            },
         )
         metrics |= calibration
     model = WaferClassifier(

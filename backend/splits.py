@@ -173,3 +173,34 @@ def stable_holdout(ids: npt.ArrayLike, fraction: float) -> npt.NDArray[np.bool_]
         raise ValueError(f"ids must be 1-D, got shape {arr.shape}")
     hashed = (arr.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)
     return np.asarray(hashed.astype(np.float64) / 2.0**32 < f, dtype=np.bool_)
+
+
+#: Held-out wafers from sets nobody routed that calibration needs before it relies on them alone.
+MIN_UNROUTED_CALIBRATION_WAFERS = 200
+
+
+def unrouted_holdout(
+    held_out: npt.ArrayLike,
+    by_person: npt.ArrayLike,
+    set_numbers: npt.ArrayLike,
+    minimum: int = MIN_UNROUTED_CALIBRATION_WAFERS,
+) -> tuple[npt.NDArray[np.bool_], bool]:
+    """The held-out wafers to calibrate routing on, and whether they are all from unrouted sets.
+
+    In a set that was routed (any of its wafers carries an auto label), the wafers a person
+    labelled are the ones the model was unsure of, so they overstate its error rate at every
+    score and make the calibrated cut too cautious (measured on the full study: 15.2% engineer
+    labels instead of 12.5% for the same promise). The held-out wafers of sets that persons
+    labelled completely are a fair sample. When there are fewer than ``minimum`` of those, all
+    held-out wafers are used, as before (the flag is then False).
+    """
+    held = np.asarray(held_out, dtype=np.bool_)
+    person = np.asarray(by_person, dtype=np.bool_)
+    sets = np.asarray(set_numbers, dtype=np.int64)
+    if not (held.shape == person.shape == sets.shape) or held.ndim != 1:
+        raise ValueError("held_out, by_person and set_numbers need one entry per wafer")
+    routed_sets = np.unique(sets[~person])
+    fair = held & ~np.isin(sets, routed_sets)
+    if fair.sum() >= minimum:
+        return fair, True
+    return held, False

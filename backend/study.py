@@ -77,6 +77,7 @@ from backend.wafers import WaferMaps
 STUDY_LOOPS = ("least-confidence", "margin", "entropy")
 ALL_LOOPS = (*STUDY_LOOPS, "calibrated", "auto-labeling")
 RETRAIN = ("scratch", "warm", "bounded")
+CALIBRATE_ON = ("phase", "initial")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ class StudyConfig:
     loops: tuple[str, ...] = ALL_LOOPS
     target_accuracy: float = 0.995
     calibration_measure: str = Measure.MARGIN.value
+    #: Which held-out wafers the calibrated method's cut is chosen on: "phase" (the phase's own
+    #: person-labelled hold-out, which fills up with engineer labels, i.e. wafers picked for being
+    #: uncertain) or "initial" (the initial set's random held-out share; `--retrain bounded` only,
+    #: as only its models never train on those wafers).
+    calibrate_on: str = "phase"
     confidence: float = 0.9
     seed: int = 0
     device: str = "auto"
@@ -122,6 +128,13 @@ class StudyConfig:
         if self.sets < 1:
             raise ValueError("need at least one wafer set")
         self.retrain_policy()  # checks the bounded-retraining settings
+        if self.calibrate_on not in CALIBRATE_ON:
+            raise ValueError(f"calibrate_on must be one of {', '.join(CALIBRATE_ON)}")
+        if self.calibrate_on == "initial" and self.retrain != "bounded":
+            raise ValueError(
+                "calibrating on the initial set's held-out wafers needs --retrain bounded "
+                "(other retraining trains later models on them)"
+            )
 
     def retrain_policy(self) -> RetrainPolicy:
         """What `--retrain bounded` trains on and how long (backend.replay)."""
@@ -588,9 +601,11 @@ class Study:
                 info["predict_wafers_per_second"] = len(members) / max(
                     info["predict_seconds"], 1e-9
                 )
-                engineer, threshold, notes = self.route(
-                    loop, probs, trained.val_probs, trained.val_true
-                )
+                cal_probs, cal_true = trained.val_probs, trained.val_true
+                if c.calibrate_on == "initial" and loop == "calibrated":
+                    cal_true = self.true[initial.val_members]
+                    cal_probs = model.predict_proba(self.codes[initial.val_members])
+                engineer, threshold, notes = self.route(loop, probs, cal_probs, cal_true)
                 phase = Phase(
                     probs,
                     engineer,
@@ -652,7 +667,8 @@ class Study:
                 )
             elif loop == "calibrated":
                 text = (
-                    f"{self.config.calibration_measure}, threshold set per set for "
+                    f"{self.config.calibration_measure} on the {self.config.calibrate_on} "
+                    "hold-out, threshold set per set for "
                     f"{100 * self.config.target_accuracy:g}% at {100 * self.config.confidence:g}% confidence"
                 )
                 add(

@@ -11,6 +11,7 @@ from backend.splits import (
     stratified_sample,
     stratified_train_val,
     study_split,
+    unrouted_holdout,
 )
 
 # WM-811K's 172,950 labelled wafers per failure type.
@@ -195,3 +196,20 @@ def test_stable_holdout_is_stable_and_about_the_fraction() -> None:
     assert not stable_holdout(ids, 0.0001)[:5].any() or stable_holdout(ids, 0.0001).sum() < 10
     with pytest.raises(ValueError):
         stable_holdout(ids.reshape(2, -1), 0.15)
+
+
+def test_unrouted_holdout_prefers_sets_persons_labelled_completely() -> None:
+    # set 0: all person labels (a fair sample); set 1: routed (auto labels and the engineer
+    # labels of its most uncertain wafers)
+    sets = np.array([0] * 6 + [1] * 6)
+    by_person = np.array([True] * 6 + [True, True, False, False, False, False])
+    held_out = np.array([True, True, True, False, False, False] * 2)
+    fair, unrouted = unrouted_holdout(held_out, by_person, sets, minimum=3)
+    assert unrouted
+    assert np.flatnonzero(fair).tolist() == [0, 1, 2]
+    # too few fair wafers: every held-out wafer, flagged
+    fallback, unrouted = unrouted_holdout(held_out, by_person, sets, minimum=4)
+    assert not unrouted
+    assert fallback.tolist() == held_out.tolist()
+    with pytest.raises(ValueError, match="one entry per wafer"):
+        unrouted_holdout(held_out[:3], by_person, sets)

@@ -160,6 +160,14 @@ def test_other_settings_in_the_same_directory_are_refused(
     assert "holds a study run with other settings" in capsys.readouterr().err
 
 
+def test_calibrating_on_the_initial_hold_out_needs_bounded_retraining(
+    tmp_path: Path, real_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["simulate", "--cache-dir", str(real_cache_dir), *FLAGS, "--calibrate-on", "initial"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "needs --retrain bounded" in capsys.readouterr().err
+
+
 def test_warm_retraining_continues_the_previous_model(
     tmp_path: Path, real_wafers: tuple[WaferMaps, LoadReport], real_cache_dir: Path
 ) -> None:
@@ -199,6 +207,8 @@ def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
         "bounded",
         "--loops",
         "margin,calibrated",
+        "--calibrate-on",
+        "initial",
         "--out",
         str(tmp_path),
     ]
@@ -234,6 +244,9 @@ def test_bounded_retraining_trains_new_wafers_and_a_replay_within_its_budget(
 
     # the routing study calibrates every set's cut on the initial set's held-out wafers, which
     # no model of a bounded run trained on
+    # its calibrated cut was chosen on the initial set's random held-out wafers
+    ours = next(m for m in results["methods"] if m["name"] == "calibrated margin (ours)")
+    assert "on the initial hold-out" in ours["rule"]
     routing = ["routing-study", str(tmp_path), "--cache-dir", str(real_cache_dir)]
     assert main([*routing, "--views", "1", "--reject-option-views", "0"]) == 0
     with np.load(tmp_path / "phases" / "initial.npz") as initial:
