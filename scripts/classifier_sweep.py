@@ -113,6 +113,22 @@ CANDIDATES = (
     Candidate("cnn-32-e20-none", backbone="wafercnn", epochs=20, balance="none"),
     Candidate("cnn-48-e20-none", backbone="wafercnn", image_size=48, epochs=20, balance="none"),
     Candidate("cnn-32-e40-none", backbone="wafercnn", epochs=40, balance="none"),
+    Candidate(
+        "cnn-48-e20-none-ls",
+        backbone="wafercnn",
+        image_size=48,
+        epochs=20,
+        balance="none",
+        label_smoothing=0.1,
+    ),
+    Candidate(
+        "cnn-48-e20-none-mix",
+        backbone="wafercnn",
+        image_size=48,
+        epochs=20,
+        balance="none",
+        mixup=0.2,
+    ),
 )
 
 
