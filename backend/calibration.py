@@ -109,24 +109,40 @@ def _correct(values: npt.ArrayLike, n: int) -> npt.NDArray[np.bool_]:
     return arr.astype(np.bool_)
 
 
-def calibrate(
+@dataclass(frozen=True)
+class ScoreCut:
+    """A cut on any score (higher = more likely wrong) chosen for a labeling-accuracy target:
+    wafers with score > ``threshold`` go to an engineer (``-inf``: all of them). ``feasible``
+    is False only when there was nothing to calibrate on (no validation wafers, or an empty new
+    set); the cut then sends every wafer to an engineer."""
+
+    threshold: float
+    predicted_accuracy: float
+    expected_engineer_ratio: float
+    validation_auto_errors: int
+    feasible: bool = True
+
+    def needs_engineer(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.asarray(scores, dtype=np.float64) > self.threshold, dtype=np.bool_)
+
+
+def calibrate_scores(
     val_scores: npt.ArrayLike,
     val_correct: npt.ArrayLike,
-    measure: Measure,
     target_accuracy: float,
     confidence: float = 0.9,
     new_scores: npt.ArrayLike | None = None,
-) -> Calibration:
-    """Pick the threshold that auto-labels the most wafers while meeting ``target_accuracy``.
+) -> ScoreCut:
+    """Pick the cut on a score (higher = more likely wrong) that auto-labels the most wafers
+    while meeting ``target_accuracy``: the search behind `calibrate`, for any score (an
+    uncertainty measure, an estimated error probability, an 8-view score).
 
-    ``val_scores`` are `backend.uncertainty.uncertainty` scores of validation wafers and
-    ``val_correct`` says whether the model's argmax was right for each. Candidates are the
-    distinct validation scores plus "nothing auto" (always meets the target). The auto fraction
-    comes from ``new_scores`` (the set about to be routed) if given, else from ``val_scores``.
-    Ties in auto fraction go to the higher predicted accuracy, then to the lower threshold.
-    O(n log n).
+    ``val_correct`` says whether the model's label was right for each validation wafer.
+    Candidates are the distinct validation scores plus "nothing auto" (always meets the target).
+    The auto fraction comes from ``new_scores`` (the set about to be routed) if given, else from
+    ``val_scores``. Ties in auto fraction go to the higher predicted accuracy, then to the lower
+    threshold. O(n log n).
     """
-    measure = Measure(measure)
     if isinstance(target_accuracy, bool) or not isinstance(
         target_accuracy, int | float | np.floating
     ):
@@ -137,21 +153,8 @@ def calibrate(
     scores = _scores(val_scores, "val_scores")
     correct = _correct(val_correct, scores.size)
     new = None if new_scores is None else _scores(new_scores, "new_scores")
-
-    def result(threshold: float, predicted: float, engineer: float, errors: int) -> Calibration:
-        return Calibration(
-            rule=RoutingRule(measure, threshold),
-            target_accuracy=float(target_accuracy),
-            confidence=float(confidence),
-            predicted_accuracy=predicted,
-            expected_engineer_ratio=engineer,
-            validation_wafers=int(scores.size),
-            validation_auto_errors=errors,
-            feasible=scores.size > 0 and (new is None or new.size > 0),
-        )
-
     if scores.size == 0 or (new is not None and new.size == 0):
-        return result(-math.inf, 1.0, 1.0, 0)
+        return ScoreCut(-math.inf, 1.0, 1.0, 0, feasible=False)
 
     order = np.argsort(scores, kind="stable")
     ordered = scores[order]
@@ -168,43 +171,37 @@ def calibrate(
     predicted = 1.0 - auto_fraction * upper
     ok = predicted >= target_accuracy
     if not ok.any() or n_auto[ok].max() == 0:
-        return result(-math.inf, 1.0, 1.0, 0)
+        return ScoreCut(-math.inf, 1.0, 1.0, 0)
     best = np.flatnonzero(ok & (n_auto == n_auto[ok].max()))
     i = int(best[np.argmax(predicted[best])])
-    return result(
+    return ScoreCut(
         float(thresholds[i]), float(predicted[i]), float(1.0 - auto_fraction[i]), int(errors[i])
     )
 
 
-@dataclass(frozen=True)
-class ScoreCut:
-    """A cut on any score (higher = more likely wrong) chosen for a labeling-accuracy target:
-    wafers with score > ``threshold`` go to an engineer (``-inf``: all of them)."""
-
-    threshold: float
-    predicted_accuracy: float
-    expected_engineer_ratio: float
-    validation_auto_errors: int
-
-    def needs_engineer(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        return np.asarray(np.asarray(scores, dtype=np.float64) > self.threshold, dtype=np.bool_)
-
-
-def calibrate_scores(
+def calibrate(
     val_scores: npt.ArrayLike,
     val_correct: npt.ArrayLike,
+    measure: Measure,
     target_accuracy: float,
     confidence: float = 0.9,
     new_scores: npt.ArrayLike | None = None,
-) -> ScoreCut:
-    """`calibrate` for a score that is not one of the softmax measures (an estimated error
-    probability, an 8-view score): the same search, Wilson bound and tie rules."""
-    cal = calibrate(
-        val_scores, val_correct, Measure.LEAST_CONFIDENCE, target_accuracy, confidence, new_scores
-    )
-    return ScoreCut(
-        cal.rule.threshold,
-        cal.predicted_accuracy,
-        cal.expected_engineer_ratio,
-        cal.validation_auto_errors,
+) -> Calibration:
+    """Pick the threshold that auto-labels the most wafers while meeting ``target_accuracy``.
+
+    ``val_scores`` are `backend.uncertainty.uncertainty` scores of validation wafers under
+    ``measure``; the search is `calibrate_scores`'. Returns the rule on that measure and what it
+    promises.
+    """
+    measure = Measure(measure)
+    cut = calibrate_scores(val_scores, val_correct, target_accuracy, confidence, new_scores)
+    return Calibration(
+        rule=RoutingRule(measure, cut.threshold),
+        target_accuracy=float(target_accuracy),
+        confidence=float(confidence),
+        predicted_accuracy=cut.predicted_accuracy,
+        expected_engineer_ratio=cut.expected_engineer_ratio,
+        validation_wafers=int(np.asarray(val_scores).size),
+        validation_auto_errors=cut.validation_auto_errors,
+        feasible=cut.feasible,
     )

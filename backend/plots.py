@@ -30,21 +30,23 @@ def accuracy_vs_engineer_ratio(methods: Sequence[dict[str, Any]], path: Path) ->
             color=colours(i % 20),
             label=m["name"],
         )
-    for r in STUDY_REFERENCE:
-        ax.scatter(
-            100 * r["engineer_ratio"],
-            100 * r["accuracy"],
-            s=60,
-            facecolors="none",
-            edgecolors="black",
-            label=r["name"] + " (published)",
-        )
+    _published_points(ax, legend=True)
     ax.set_xlabel("engineer labels (% of wafers)")
     ax.set_ylabel("labeling accuracy (%)")
     ax.set_title("Labeling accuracy against engineer effort (up and left is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+def _published_points(ax: Any, legend: bool) -> None:
+    """The study's published results as open circles, in the legend or written beside them."""
+    for r in STUDY_REFERENCE:
+        x, y = 100 * r["engineer_ratio"], 100 * r["accuracy"]
+        label = r["name"] + " (published)" if legend else None
+        ax.scatter(x, y, s=60, facecolors="none", edgecolors="black", label=label)
+        if not legend:
+            ax.annotate(r["name"], (x, y), fontsize=6)
 
 
 def engineer_labels_per_set(methods: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -122,15 +124,7 @@ def routing_curves(methods: Sequence[dict[str, Any]], path: Path) -> Path:
             label=m["name"],
         )
         ax.scatter(100 * m["engineer_ratio"], 100 * m["accuracy"], color=c, marker="*", s=110)
-    for r in STUDY_REFERENCE:
-        ax.scatter(
-            100 * r["engineer_ratio"],
-            100 * r["accuracy"],
-            s=60,
-            facecolors="none",
-            edgecolors="black",
-        )
-        ax.annotate(r["name"], (100 * r["engineer_ratio"], 100 * r["accuracy"]), fontsize=6)
+    _published_points(ax, legend=False)
     ax.set_xlim(0, 30)
     ax.set_ylim(96.5, 100.05)
     ax.axhline(99.57, color="grey", ls=":", lw=0.8)
