@@ -12,11 +12,12 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,11 @@ class HeadlessChromium:
         `timeout` bounds the start, each protocol call and each `wait_for` by default.
         """
         chromium = find_chromium(executable)
-        with tempfile.TemporaryDirectory(prefix="wafer-chromium-") as tmp:
+        # Chromium's helper processes (renderer, crash handler) may still write into the
+        # profile for a moment after the browser is stopped: never let that fail the caller.
+        with tempfile.TemporaryDirectory(
+            prefix="wafer-chromium-", ignore_cleanup_errors=True
+        ) as tmp:
             profile = Path(tmp) / "profile"
             log_path = Path(tmp) / "chromium.log"
             command = [
@@ -114,7 +119,11 @@ class HeadlessChromium:
                 command.insert(1, "--no-sandbox")  # Chromium refuses to run as root otherwise
             with log_path.open("wb") as log:
                 process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # its own process group, so all its helpers stop
                 )
             try:
                 port = _wait_for_port(profile / "DevToolsActivePort", process, log_path, timeout)
@@ -130,12 +139,7 @@ class HeadlessChromium:
                 finally:
                     socket.close()
             finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                _stop_process_group(process)
 
     def send(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Call one DevTools Protocol method on the page and return its result (events that
@@ -248,6 +252,45 @@ def _page_websocket_url(port: int, timeout: float) -> str:
             return str(pages[0]["webSocketDebuggerUrl"])
         time.sleep(0.1)
     raise BrowserError(f"Chromium on port {port} opened no page within {timeout:.0f} s")
+
+
+def _stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop Chromium and every helper it started (one process group, see `launch`): SIGTERM,
+    then SIGKILL after `grace` seconds; return once none of them is left."""
+    group = process.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait)
+        deadline = time.monotonic() + wait
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _group_alive(group):
+            break
+    process.poll()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of `group` still runs (zombies waiting to be reaped do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: ask the kernel, zombies included
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == group and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:
