@@ -12,18 +12,19 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import websocket
+
+from backend.processes import stop_process
 
 #: Executable names tried in this order when none is given.
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -139,7 +140,7 @@ class HeadlessChromium:
                 finally:
                     socket.close()
             finally:
-                _stop_process_group(process)
+                stop_process(process, grace_seconds=10.0)
 
     def send(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Call one DevTools Protocol method on the page and return its result (events that
@@ -252,45 +253,6 @@ def _page_websocket_url(port: int, timeout: float) -> str:
             return str(pages[0]["webSocketDebuggerUrl"])
         time.sleep(0.1)
     raise BrowserError(f"Chromium on port {port} opened no page within {timeout:.0f} s")
-
-
-def _stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """Stop Chromium and every helper it started (one process group, see `launch`): SIGTERM,
-    then SIGKILL after `grace` seconds; return once none of them is left."""
-    group = process.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            break
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=wait)
-        deadline = time.monotonic() + wait
-        while _group_alive(group) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not _group_alive(group):
-            break
-    process.poll()
-
-
-def _group_alive(group: int) -> bool:
-    """Whether any process of `group` still runs (zombies waiting to be reaped do not count)."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: ask the kernel, zombies included
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == group and state not in ("Z", "X"):
-            return True
-    return False
 
 
 def _tail(path: Path, lines: int = 15) -> str:

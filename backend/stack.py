@@ -47,6 +47,7 @@ from backend.label_studio_db import (
     choose_database,
     drop_database,
 )
+from backend.processes import stop_process
 
 #: The checkout: `_wsgi.py` and the `backend` package live here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -215,27 +216,6 @@ def _wait_until(
             )
         time.sleep(interval)
     return time.monotonic() - started
-
-
-def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 15.0) -> None:
-    """Terminate the process group the process leads, then kill it if it lingers.
-
-    The process must have been started with `start_new_session=True` (as every process here).
-    """
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace_seconds)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        process.wait(timeout=grace_seconds)
 
 
 def _child_environment(env: Mapping[str, str]) -> dict[str, str]:

@@ -40,6 +40,7 @@ LAYERS = {
         "images",
         "image_client",
         "browser",
+        "processes",
         "labelstudio",
         "label_studio_db",
         "stack",

@@ -1,12 +1,12 @@
-"""Stopping the browser: every process of Chromium's group is gone before its profile is removed
-(a helper still writing into the profile once made the cleanup fail with 'Directory not empty')."""
+"""Stopping a child: no process of its group runs once stop_process returns (a Chromium helper
+still writing into its profile once made the profile's removal fail with 'Directory not empty')."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from backend.browser import _group_alive, _stop_process_group
+from backend.processes import group_alive, stop_process
 
 #: A leader that starts a helper ignoring SIGTERM, as a stubborn Chromium helper would, then waits.
 STUBBORN_HELPER = (
@@ -29,14 +29,14 @@ def start_group(code: str) -> subprocess.Popen[bytes]:
 
 def test_stopping_the_group_ends_helpers_that_ignore_sigterm() -> None:
     process = start_group(STUBBORN_HELPER)
-    assert _group_alive(process.pid)
-    _stop_process_group(process, grace=0.5)
-    assert not _group_alive(process.pid)
+    assert group_alive(process.pid)
+    stop_process(process, grace_seconds=0.5)
+    assert not group_alive(process.pid)
     assert process.returncode is not None
 
 
 def test_a_group_that_already_ended_is_stopped_without_error() -> None:
     process = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     process.wait()
-    _stop_process_group(process, grace=0.5)
-    assert not _group_alive(process.pid)
+    stop_process(process, grace_seconds=0.5)
+    assert not group_alive(process.pid)
