@@ -19,10 +19,12 @@ RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin waf
 WORKDIR /app
 
 # Dependencies first, in their own layer: code edits do not reinstall them.
-# Same install as scripts/install: a venv, pip upgraded, `pip install -r requirements.txt` from the
-# ordinary registry (no extra index: torch 2.14.0 / torchvision 0.29.2 from PyPI run on CPU-only
-# hosts and on NVIDIA GPUs alike; they make the image large, about 6 GB), then `pip check`.
-# requirements.txt also pins label-studio itself (the backend shares its pins) and the test tools.
+# requirements.txt pins only what the served system runs on (torch, torchvision, numpy, pandas,
+# pillow, tqdm, Flask, gunicorn, httpx, rq, redis, label-studio-sdk); Label Studio itself, the
+# study's and the tooling's packages and the test tools are in requirements-dev.txt, which the image
+# does not install. Same steps as scripts/install: a venv, pip upgraded, `pip install -r`, then
+# `pip check`, from the ordinary registry (no extra index: torch 2.14.0 / torchvision 0.29.2 from
+# PyPI run on CPU-only hosts and on NVIDIA GPUs alike; they make the image large, about 6 GB).
 COPY requirements.txt .
 # hadolint ignore=DL3013
 RUN python -m venv "$VIRTUAL_ENV" \
@@ -30,8 +32,13 @@ RUN python -m venv "$VIRTUAL_ENV" \
  && pip install --progress-bar off -r requirements.txt \
  && pip check
 
+# Only what the backend, the worker and the ops CLI run: the top-level files, the core modules
+# backend/*.py and backend/sources/. The offline study (backend/study/) and the local tooling
+# (backend/harness/) are not copied; the core never imports them (tests/test_packaging.py checks
+# that every module the served system imports is copied, and nothing of those two).
 COPY label_config.xml model.py _wsgi.py gunicorn.conf.py ./
-COPY backend/ backend/
+COPY backend/*.py backend/
+COPY backend/sources/ backend/sources/
 
 USER 10001:10001
 # The backend listens on all of the container's addresses, so it refuses to start without

@@ -43,10 +43,12 @@ class WaferMapModel:
         return self.service.versions(project)
 
     def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
-        return self.service.webhook({**data, "action": event})
+        """Label Studio's ML-backend name for an event: queued for the worker, never trained in
+        the request (the event name is the payload's `action` when it has none)."""
+        return self.webhook(data if data.get("action") == event else {**data, "action": event})
 
     def webhook(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        return self.fit(str(payload.get("action", "")), payload)
+        return self.service.webhook(payload)
 
     def metrics(self) -> dict[str, Any]:
         return self.service.metrics()

@@ -9,12 +9,8 @@ which the uncertainty thresholds act, keep their precision.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,8 @@ from torchvision import models
 from tqdm import tqdm
 
 from backend.encoding import N_CHANNELS
+from backend.files import atomic_writer
+from backend.model_card import ModelCard
 
 CHECKPOINT_FORMAT = 1
 
@@ -155,47 +153,6 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} cannot go into a model card")
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """Everything needed to use a model version besides its weights."""
-
-    version: str
-    failure_types: tuple[str, ...]
-    image_size: int
-    backbone: str
-    logit_adjustment: tuple[float, ...]
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    training: Mapping[str, Any] = field(default_factory=dict)
-    created: str = field(
-        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python values only, as `torch.load(weights_only=True)` accepts nothing else."""
-        return json.loads(json.dumps(asdict(self), default=_plain))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
-        return cls(
-            version=str(data["version"]),
-            failure_types=tuple(data["failure_types"]),
-            image_size=int(data["image_size"]),
-            backbone=str(data["backbone"]),
-            logit_adjustment=tuple(float(x) for x in data["logit_adjustment"]),
-            metrics=dict(data.get("metrics", {})),
-            training=dict(data.get("training", {})),
-            created=str(data.get("created", "")),
-        )
-
-
 @dataclass
 class WaferClassifier:
     """A network with its card, on a device, ready to predict."""
@@ -262,22 +219,13 @@ def save_version(classifier: WaferClassifier, path: Path) -> Path:
 
     A crash mid-write leaves the previous file (if any) untouched.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "card": classifier.card.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in classifier.network.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

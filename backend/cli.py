@@ -32,7 +32,8 @@ from pathlib import Path
 
 from backend.label_config import LabelConfig, parse_label_config
 from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, Settings
-from backend.sources import LoadReport, load_wafers
+from backend.sources import load_wafers
+from backend.sources.cache import LoadReport
 from backend.splits import SetOrder
 from backend.uncertainty import Measure
 from backend.wafers import WaferMaps
@@ -385,7 +386,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_label_studio_command(args, settings, labels)
     if args.command == "demo":
-        from backend.demo import DemoConfig, main_demo
+        from backend.harness.demo import DemoConfig, main_demo
 
         settings = dataclasses.replace(
             settings, **({"epochs": args.epochs} if args.epochs is not None else {})
@@ -406,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         return main_demo(config, settings, labels, wafers)
     if args.command == "load-test":
-        from backend.load_test import LoadPlan, run_load_test
+        from backend.harness.load_test import LoadPlan, run_load_test
 
         plan = LoadPlan(args.clients, args.batch, args.seconds, args.max_requests, args.image_size)
         for line in run_load_test(plan, labels).lines(plan):
@@ -415,12 +416,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         _load(settings, labels)
         return 0
-    from backend.study import torch_threads
+    from backend.training import use_every_core
 
-    torch_threads()
+    use_every_core()
     if args.command == "bench-loop":
-        from backend.bench_loop import LoopBenchConfig
-        from backend.bench_loop import main as bench_loop
+        from backend.harness.bench_loop import LoopBenchConfig
+        from backend.harness.bench_loop import main as bench_loop
 
         return bench_loop(
             LoopBenchConfig(
@@ -442,7 +443,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_train(args, settings, labels)
     if args.command == "compare-sizes":
-        from backend.size_benchmark import compare_sizes
+        from backend.study.size_comparison import compare_sizes
 
         wafers, _ = _load(settings, labels)
         print(
@@ -464,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    from backend.bench import BenchPlan, report_lines, run_bench, write_json
+    from backend.harness.bench import BenchPlan, report_lines, run_bench, write_json
 
     plan = BenchPlan.quick(args.device) if args.quick else BenchPlan(device=args.device)
     result = run_bench(plan, settings, labels, log=lambda s: print(s, file=sys.stderr))
@@ -476,8 +477,8 @@ def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) ->
 
 
 def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    from backend.routing_study import run_routing_study
-    from backend.study import Study, StudyConfig
+    from backend.study.routing_study import run_routing_study
+    from backend.study.simulate import Study, StudyConfig
 
     config_file = args.out / "config.json"
     if not config_file.is_file():
@@ -503,7 +504,7 @@ def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelCo
 
 
 def _simulate(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    from backend.study import Study, StudyConfig
+    from backend.study.simulate import Study, StudyConfig
 
     config = StudyConfig(
         subsample=args.subsample,

@@ -22,11 +22,11 @@ from backend.first_model import (
 )
 from backend.image_client import image_client
 from backend.images import ImageRules, model_input
-from backend.jobs import request_advance
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
+from backend.loop_keys import request_advance
 from backend.model_store import ModelStore
-from backend.ops import project_id, project_status, status_table, wire_project
+from backend.projects import lookup_project_id, project_status, status_table, wire_project
 from backend.settings import Settings
 from backend.sources import load_wafers
 from backend.splits import stratified_sample
@@ -66,7 +66,7 @@ def run_label_studio_command(
             for title, view in wiring.views.items():
                 print(f"view {view}: {title}")
             return 0
-        project = project_id(client, args.project)
+        project = lookup_project_id(client, args.project)
         if args.command == "import-sets":
             wafers, report = load_wafers(
                 settings.data_path, labels.failure_types, settings.cache_dir
@@ -191,7 +191,7 @@ def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
     device = pick_device(settings.device)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     with LabelStudioClient.connect(url, key) as client:
-        project = project_id(client, args.project)
+        project = lookup_project_id(client, args.project)
         size = settings.image_size
         if args.from_project:
             tasks = client.tasks_of_set(project, INITIAL_SET)

@@ -12,25 +12,25 @@ import json
 
 from redis import Redis
 
+from backend.job_resources import JobResources
 from backend.jobs import advance
 from backend.labelstudio import LabelStudioClient
-from backend.ops import project_id
+from backend.projects import lookup_project_id
 from backend.settings import Settings
-from backend.workbench import Workbench
 
 
 def run_reconcile(project_ref: str, settings: Settings) -> int:
     """Reconcile the project titled (or numbered) `project_ref`; 0 when it ran."""
     url, key = settings.require_label_studio()
     with LabelStudioClient.connect(url, key) as client:
-        project = project_id(client, project_ref)
+        project = lookup_project_id(client, project_ref)
     redis = Redis.from_url(settings.redis_url)
     try:
-        bench = Workbench.open(settings, redis, project)
+        resources = JobResources.open(settings, redis, project)
         try:
-            outcome = advance(bench, project)
+            outcome = advance(resources, project)
         finally:
-            bench.close()
+            resources.close()
     finally:
         redis.close()
     repaired = outcome["repaired"]

@@ -46,7 +46,7 @@ def project_of(payload: Mapping[str, Any]) -> int:
         ) from None
 
 
-def annotations_of(payload: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def event_annotations(payload: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The annotation objects of an annotation event (one, or a list for the bulk event)."""
     found = payload.get("annotation", payload.get("annotations"))
     if isinstance(found, Mapping):
@@ -77,7 +77,7 @@ def handle_event(
         return {"status": "ignored", "action": action}
     project = project_of(payload)
     if action in ANNOTATION_ACTIONS:
-        annotations = annotations_of(payload)
+        annotations = event_annotations(payload)
         own = auto_user()
         if annotations and own is not None and all(_user(a) == own for a in annotations):
             return {"status": "ignored", "action": action, "reason": "the backend's own labels"}

@@ -34,13 +34,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from backend.classifier import (
-    ModelCard,
-    WaferClassifier,
-    build_network,
-    load_version,
-    save_version,
-)
+from backend.classifier import WaferClassifier, build_network, load_version, save_version
 from backend.encoding import resize_nearest
 from backend.images import ImageError
 from backend.label_config import LabelConfig
@@ -49,6 +43,7 @@ from backend.loop_state import (
     label_of,
     labelled_by_person,
 )
+from backend.model_card import ModelCard
 from backend.retraining import with_validation
 from backend.settings import Settings
 from backend.splits import stable_holdout, stratified_sample
@@ -222,14 +217,14 @@ def train_first_model(
         image_size=int(history.codes.shape[1]),
         backbone=settings.backbone,
         logit_adjustment=tuple(logit_adjustment(history.classes[train], n_classes, config.balance)),
+        trained_through_set=TRAINED_THROUGH,
+        project=project,
+        route_measure=measure.value,
         training=config.to_dict()
         | {
-            "trained_through_set": TRAINED_THROUGH,
-            "project": project,
             "train_wafers": len(train),
             "validation_wafers": len(val),
             "warm_start": False,
-            "route_measure": measure.value,
             "skipped": dict(history.skipped),
             "train_seconds": round(report.seconds, 2),
             "offline": {"history": history.origin, "wafers_in_project": history.in_project},
@@ -303,8 +298,7 @@ def cached_first_model(
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             log.warning("cached first model %s unreadable (%s): training again", path, exc)
         else:
-            training = dict(cached.card.training) | {"project": project}
-            card = dataclasses.replace(cached.card, version=version, training=training)
+            card = dataclasses.replace(cached.card, version=version, project=project)
             return WaferClassifier(network=cached.network, card=card, device=device), True
     classifier, _ = train_first_model(
         history,

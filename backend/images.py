@@ -39,6 +39,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import numpy as np
@@ -59,6 +60,7 @@ from backend.image_client import (
     Resolver,
     download_deadline,
     redact_url_logging,
+    shared_image_client,
     system_resolver,
 )
 from backend.settings import Settings
@@ -521,3 +523,26 @@ def model_input(
         resolver=resolver,
     )
     return picture_codes(data, size, max_pixels=rules.max_pixels)
+
+
+def picture_reader(
+    settings: Settings, size: int, client: httpx.Client | None = None
+) -> partial[npt.NDArray[np.uint8]]:
+    """A task's image value -> (size, size) die codes (`model_input`), within the WAFER_IMAGE_*
+    limits, with the Label Studio token sent only to LABEL_STUDIO_URL. The one picture reader of
+    the backend's /predict and the worker's jobs: pictures are downloaded with the process's
+    `shared_image_client` (connections checked and pinned, a deadline per download) unless
+    `client` already is such a guarded client."""
+    http = (
+        client
+        if isinstance(client, ImageClient)
+        else shared_image_client(settings.label_studio_url, settings.image_hosts)
+    )
+    return partial(
+        model_input,
+        client=http,
+        label_studio_url=settings.label_studio_url,
+        api_key=settings.label_studio_api_key or None,
+        size=size,
+        rules=ImageRules.from_settings(settings),
+    )

@@ -16,9 +16,8 @@ Redis marks: a finished set that no model learnt is retrained, open-set wafers w
 prediction of the served version are pre-annotated.
 
 The parts live apart: Redis keys and enqueueing in `backend.loop_keys`, the decisions in
-`backend.loop_state`, the job's resources in `backend.workbench`, the steps in
-`backend.preannotation` and `backend.retraining`. The names below are re-exported for callers
-that know the loop as ``backend.jobs``.
+`backend.loop_state`, the job's resources in `backend.job_resources`, the steps in
+`backend.preannotation` and `backend.retraining`.
 """
 
 from __future__ import annotations
@@ -29,66 +28,21 @@ from typing import Any
 from redis import Redis
 from rq import Worker, get_current_job
 
+from backend.job_resources import JobResources, loop_position, open_job_resources, untried_wafers
 from backend.loop_keys import (
-    ADVANCE_DEBOUNCE_S,
-    EVENTS_QUEUE,
-    QUEUES,
-    RETRAIN_TIMEOUT_S,
-    TRAINING_QUEUE,
     advance_key,
     opened_key,
     release_own,
-    request_advance,
     request_retrain,
-    retrain_job_id,
     retrain_key,
-    retrain_pending,
 )
 from backend.loop_state import (
-    LabelSource,
-    NextStep,
-    SetState,
-    annotation_source,
     decide,
-    label_of,
-    next_step,
-    serving_rule,
-    set_states,
     trained_through,
 )
 from backend.preannotation import accept_confident, preannotate_set, unaccepted_wafers
 from backend.reconcile import repair_keys
 from backend.retraining import retrain
-from backend.workbench import Workbench, job_workbench, loop_position, untried_wafers
-
-__all__ = [
-    "ADVANCE_DEBOUNCE_S",
-    "EVENTS_QUEUE",
-    "QUEUES",
-    "RETRAIN_TIMEOUT_S",
-    "TRAINING_QUEUE",
-    "WORKER_CLASS",
-    "LabelSource",
-    "NextStep",
-    "SetState",
-    "WaferWorker",
-    "advance",
-    "advance_job",
-    "advance_key",
-    "annotation_source",
-    "label_of",
-    "next_step",
-    "opened_key",
-    "request_advance",
-    "request_retrain",
-    "retrain_job",
-    "retrain_job_id",
-    "retrain_key",
-    "retrain_pending",
-    "serving_rule",
-    "set_states",
-    "trained_through",
-]
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +62,9 @@ WORKER_CLASS = f"{__name__}.{WaferWorker.__name__}"
 
 def advance_job(project: int) -> dict[str, Any]:
     """rq job: repair what a crash left behind, then do the project's next step."""
-    with job_workbench(project) as bench:
-        bench.redis.delete(advance_key(project))
-        return advance(bench, project)
+    with open_job_resources(project) as resources:
+        resources.redis.delete(advance_key(project))
+        return advance(resources, project)
 
 
 def retrain_job(project: int, set_number: int) -> dict[str, Any]:
@@ -121,9 +75,9 @@ def retrain_job(project: int, set_number: int) -> dict[str, Any]:
     """
     job = get_current_job()
     try:
-        with job_workbench(project) as bench:
-            outcome = retrain(bench, project, set_number)
-            outcome["next"] = advance(bench, project)
+        with open_job_resources(project) as resources:
+            outcome = retrain(resources, project, set_number)
+            outcome["next"] = advance(resources, project)
             return outcome
     finally:
         if job is not None:
@@ -133,51 +87,53 @@ def retrain_job(project: int, set_number: int) -> dict[str, Any]:
 # ---- the loop's step ---------------------------------------------------------------------------
 
 
-def advance(bench: Workbench, project: int) -> dict[str, Any]:
+def advance(resources: JobResources, project: int) -> dict[str, Any]:
     """Repair (`backend.reconcile.repair_keys`), then one pass of the loop's decision, read from
     Label Studio and the project's model store; pre-annotating may finish a set and so ask to
     retrain. Returns what was repaired and each step taken."""
-    repaired = repair_keys(bench.redis, project)
-    with bench.project_lock(project):
+    repaired = repair_keys(resources.redis, project)
+    with resources.project_lock(project):
         done: list[dict[str, Any]] = []
         for _ in range(2):
-            card = bench.store.current_card()
-            finished_through, open_set = loop_position(bench.client, project)
+            card = resources.store.current_card()
+            finished_through, open_set = loop_position(resources.client, project)
             untried = (
-                untried_wafers(bench.client, project, open_set, card.version)
+                untried_wafers(resources.client, project, open_set, card.version)
                 if open_set is not None and card is not None
                 else 0
             )
             step = decide(finished_through, open_set, untried == 0, trained_through(card))
             if step.action == "retrain" and step.set_number is not None:
-                enqueued = request_retrain(bench.redis, project, step.set_number)
+                enqueued = request_retrain(resources.redis, project, step.set_number)
                 done.append({"action": "retrain", "set": step.set_number, "enqueued": enqueued})
                 break
-            classifier = bench.store.load_current() if step.action == "open" else None
+            classifier = resources.store.load_current() if step.action == "open" else None
             if step.set_number is not None and classifier is not None:
-                if _marked_opened(bench.redis, project, step.set_number, classifier.card.version):
+                if _marked_opened(
+                    resources.redis, project, step.set_number, classifier.card.version
+                ):
                     repaired.append(
                         f"set {step.set_number}: {untried} wafers without a prediction of "
                         f"{classifier.card.version} although Redis marked the set opened "
                         "(a lost TASKS_CREATED?): pre-annotating them"
                     )
-                done.append(preannotate_set(bench, project, step.set_number, classifier))
+                done.append(preannotate_set(resources, project, step.set_number, classifier))
                 continue
             routing = (
-                bench.wafers.routing(open_set, card.version)
+                resources.wafers.routing(open_set, card.version)
                 if open_set is not None and card is not None
                 else None
             )
             if open_set is not None and card is not None and routing is not None:
                 if (
                     routing.cut is not None
-                    and bench.client.project_model_version(project) != card.version
+                    and resources.client.project_model_version(project) != card.version
                 ):
                     # The pre-annotation stored its predictions but died before pointing the
                     # project at them: the score filter counts only the project's version.
-                    bench.client.set_model_version(project, card.version)
+                    resources.client.set_model_version(project, card.version)
                     repaired.append(f"project model version set to {card.version}")
-                left = unaccepted_wafers(bench.client, project, open_set, routing.cut)
+                left = unaccepted_wafers(resources.client, project, open_set, routing.cut)
                 if left:
                     # The pre-annotation stored every prediction but its accept step did not
                     # finish (Label Studio unreachable, a crash): finish it, exactly once.
@@ -186,11 +142,11 @@ def advance(bench: Workbench, project: int) -> dict[str, Any]:
                         "accepted (an interrupted accept step): accepting them"
                     )
                     outcome = accept_confident(
-                        bench.client,
+                        resources.client,
                         project,
                         open_set,
                         card.version,
-                        bench.auto_user,
+                        resources.auto_user,
                         routing.cut,
                     )
                     done.append({"action": "accept", "set": open_set, **outcome.__dict__})

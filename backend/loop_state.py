@@ -1,5 +1,5 @@
 """The loop's decisions, from what Label Studio holds and what the served model learnt.
-Layer L1 (pure, without importing torch; it reads `backend.classifier.ModelCard`s).
+Layer L0 (pure: it reads `backend.model_card.ModelCard`s).
 
 The loop, per project: set 0 (the initial set) is imported with known labels; the OPEN set is
 the lowest-numbered set that still has a wafer without an annotation. Only the open set is
@@ -27,7 +27,7 @@ from backend.settings import Settings
 from backend.uncertainty import Measure, uncertainty
 
 if TYPE_CHECKING:  # the card only: deciding needs no torch
-    from backend.classifier import ModelCard
+    from backend.model_card import ModelCard
 
 
 class LabelSource(StrEnum):
@@ -51,7 +51,7 @@ def set_number_of(task: Mapping[str, Any]) -> int | None:
     return None
 
 
-def annotations_of(task: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def kept_annotations(task: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The task's annotations that were not cancelled (skipped)."""
     return [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
 
@@ -112,7 +112,7 @@ def label_sources(
 ) -> list[tuple[Mapping[str, Any], LabelSource]]:
     """The task's annotations that were not cancelled, each with who labelled it."""
     predictions = task.get("predictions") or []
-    return [(a, annotation_source(a, auto_user, predictions)) for a in annotations_of(task)]
+    return [(a, annotation_source(a, auto_user, predictions)) for a in kept_annotations(task)]
 
 
 def labelled_by_person(task: Mapping[str, Any], auto_user: int) -> bool:
@@ -171,7 +171,7 @@ def set_states(
             continue
         c = counts.setdefault(number, Counter())
         c["total"] += 1
-        annotations = annotations_of(task)
+        annotations = kept_annotations(task)
         if not annotations:
             c["waiting"] += 1
         else:
@@ -245,11 +245,8 @@ def next_step(states: Mapping[int, SetState], trained_through: int | None) -> Ne
 
 
 def trained_through(card: ModelCard | None) -> int | None:
-    """The last set the model learnt from (`training.trained_through_set` of its card)."""
-    if card is None:
-        return None
-    value = card.training.get("trained_through_set")
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """The last set the model learnt from (`ModelCard.trained_through_set`)."""
+    return None if card is None else card.trained_through_set
 
 
 def serving_rule(
@@ -267,17 +264,17 @@ def serving_rule(
         return RoutingRule(measure, settings.route_threshold)
     if card is None:
         return RoutingRule(measure, -math.inf)
-    validation = card.training.get("validation")
-    if probs is not None and isinstance(validation, Mapping) and len(probs):
-        stored = Measure(str(validation["measure"]))
+    validation = card.validation
+    if probs is not None and validation is not None and len(probs):
+        stored = Measure(validation.measure)
         return calibrate(
-            np.asarray(validation["scores"], dtype=np.float64),
-            np.asarray(validation["correct"], dtype=np.bool_),
+            np.asarray(validation.scores, dtype=np.float64),
+            np.asarray(validation.correct, dtype=np.bool_),
             stored,
             settings.target_accuracy,
             new_scores=uncertainty(probs, stored),
         ).rule
     if "route_threshold" in card.metrics:
-        stored = Measure(str(card.training.get("route_measure", measure.value)))
+        stored = Measure(card.route_measure or measure.value)
         return RoutingRule(stored, float(card.metrics["route_threshold"]))
     return RoutingRule(measure, -math.inf)

@@ -25,14 +25,15 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from backend.classifier import ModelCard, WaferClassifier, load_version, read_card, save_version
+from backend.classifier import WaferClassifier, load_version, read_card, save_version
+from backend.files import atomic_write_text, fsync_dir
+from backend.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,10 @@ class ModelStore:
                 staging.replace(path)
         finally:
             staging.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         card = json.dumps(classifier.card.to_dict(), indent=1)
-        _write_atomically(self.card_path_of(version), card)
-        _write_atomically(self.root / "CURRENT", version + "\n")
+        atomic_write_text(self.card_path_of(version), card)
+        atomic_write_text(self.root / "CURRENT", version + "\n")
         with self._lock:
             self._served = _Served(self._fingerprint(), classifier, (), _stat_key(path))
         log.info("model version %s published and served", version)
@@ -349,9 +350,8 @@ def _legacy_note(model_dir: Path) -> str | None:
         name = (model_dir / "CURRENT").read_text(errors="replace").strip()
         if VERSION_PATTERN.match(name):
             card = _card_from_json((model_dir / "versions" / f"{name}.card.json").read_bytes())
-            project = card.training.get("project")
-            if isinstance(project, int) and not isinstance(project, bool):
-                owner = str(project)
+            if card.project is not None:
+                owner = str(card.project)
     except (OSError, ValueError):
         pass
     note = (
@@ -365,33 +365,3 @@ def _legacy_note(model_dir: Path) -> str | None:
             _warned_legacy.add(model_dir)
             log.warning("%s (MODEL_DIR is %s)", note, model_dir)
     return note
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)

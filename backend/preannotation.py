@@ -21,6 +21,8 @@ import numpy.typing as npt
 
 from backend.classifier import WaferClassifier
 from backend.encoding import encode_wafers
+from backend.images import picture_reader
+from backend.job_resources import JobResources
 from backend.labelstudio import (
     FilterOperator,
     LabelStudioClient,
@@ -41,7 +43,6 @@ from backend.predictions import (
 )
 from backend.routing import Route, RoutingRule
 from backend.wafer_store import SetRouting
-from backend.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,26 @@ PREDICTION_CHUNK = 2000
 
 def _error_data(p: WaferPrediction, version: str) -> dict[str, Any]:
     """Task data of a wafer whose picture could not be read: the Unreadable tab's columns, and
-    `model_version` so that the wafer counts as tried (`backend.workbench.untried_wafers`)."""
+    `model_version` so that the wafer counts as tried (`backend.job_resources.untried_wafers`)."""
     return {"route": p.route, "prediction_error": p.error, "model_version": version}
 
 
-def _pending_wafers(bench: Workbench, project: int, set_number: int, version: str) -> list[int]:
+def _pending_wafers(
+    resources: JobResources, project: int, set_number: int, version: str
+) -> list[int]:
     """Task ids of the set's wafers that `version` has not tried: no prediction of it, and not
     marked unreadable by it (ids only: no picture leaves Label Studio)."""
     unpredicted = [set_filter(set_number), not_predicted_by(version)]
-    pending = bench.client.task_ids(project, unpredicted)
+    pending = resources.client.task_ids(project, unpredicted)
     if not pending:
         return []
     tried = TaskFilter("data.model_version", FilterOperator.EQUAL, "String", version)
-    unreadable = set(bench.client.task_ids(project, [*unpredicted, tried]))
+    unreadable = set(resources.client.task_ids(project, [*unpredicted, tried]))
     return [t for t in pending if t not in unreadable]
 
 
 def _codes_from_pictures(
-    bench: Workbench,
+    resources: JobResources,
     project: int,
     set_number: int,
     version: str,
@@ -79,15 +82,17 @@ def _codes_from_pictures(
     the wafer store): (task ids, codes, unreadable ones)."""
     tasks = [
         t
-        for t in bench.client.tasks(project, [set_filter(set_number), not_predicted_by(version)])
+        for t in resources.client.tasks(
+            project, [set_filter(set_number), not_predicted_by(version)]
+        )
         if int(t["id"]) in wanted
     ]
-    fetch = bench.fetch(classifier.card.image_size)
+    fetch = picture_reader(resources.settings, classifier.card.image_size)
     ids: list[int] = []
     codes: list[npt.NDArray[np.uint8]] = []
     failed: list[WaferPrediction] = []
     for task, result in zip(
-        tasks, read_pictures(tasks, classifier, bench.labels, fetch), strict=True
+        tasks, read_pictures(tasks, classifier, resources.labels, fetch), strict=True
     ):
         if isinstance(result, WaferPrediction):
             failed.append(result)
@@ -98,7 +103,7 @@ def _codes_from_pictures(
 
 
 def preannotate_set(
-    bench: Workbench, project: int, set_number: int, classifier: WaferClassifier
+    resources: JobResources, project: int, set_number: int, classifier: WaferClassifier
 ) -> dict[str, Any]:
     """Predict every wafer of the set that `version` has not tried, store the predictions with
     their scores (Label Studio's `predictions_score`: the engineer queue's order), then accept
@@ -111,9 +116,9 @@ def preannotate_set(
     """
     started = time.perf_counter()
     version = classifier.card.version
-    check_failure_types(classifier, bench.labels)
-    pending = _pending_wafers(bench, project, set_number, version)
-    stored = bench.wafers.lookup([set_number], pending, classifier.card.failure_types)
+    check_failure_types(classifier, resources.labels)
+    pending = _pending_wafers(resources, project, set_number, version)
+    stored = resources.wafers.lookup([set_number], pending, classifier.card.failure_types)
     task_ids = [int(t) for t in stored.task_ids]
     codes = encode_wafers(stored.maps, classifier.card.image_size)
     missing = set(pending) - set(task_ids)
@@ -125,7 +130,7 @@ def preannotate_set(
             len(missing),
         )
         more_ids, more_codes, failed = _codes_from_pictures(
-            bench, project, set_number, version, missing, classifier
+            resources, project, set_number, version, missing, classifier
         )
         task_ids += more_ids
         if more_codes:
@@ -133,7 +138,7 @@ def preannotate_set(
     chosen: list[RoutingRule] = []
 
     def rule(probs: npt.NDArray[np.float64]) -> RoutingRule:
-        chosen.append(serving_rule(bench.settings, classifier.card, probs))
+        chosen.append(serving_rule(resources.settings, classifier.card, probs))
         return chosen[-1]
 
     predicted: list[WaferPrediction] = []
@@ -146,8 +151,8 @@ def preannotate_set(
     # The routing is kept before any prediction is stored: a crash after the predictions
     # leaves a set whose accept step the next advance finishes with this cut.
     auto = sum(p.route == Route.AUTO.value for p in predicted)
-    if predicted or bench.wafers.routing(set_number, version) is None:
-        bench.wafers.save_routing(
+    if predicted or resources.wafers.routing(set_number, version) is None:
+        resources.wafers.save_routing(
             SetRouting(
                 set_number=set_number,
                 model_version=version,
@@ -158,19 +163,21 @@ def preannotate_set(
                 unreadable=len(failed),
             )
         )
-    stored_count = bench.client.create_predictions(
+    stored_count = resources.client.create_predictions(
         project,
-        [{"task": p.task_id, **to_label_studio(p, bench.labels, version)} for p in predicted],
+        [{"task": p.task_id, **to_label_studio(p, resources.labels, version)} for p in predicted],
         chunk_size=PREDICTION_CHUNK,
     )
     for p in failed:
         if p.task_id is not None:
-            bench.client.update_task_data(p.task_id, _error_data(p, version))
+            resources.client.update_task_data(p.task_id, _error_data(p, version))
     if stored_count:
-        bench.client.set_model_version(project, version)
-    accepted = accept_confident(bench.client, project, set_number, version, bench.auto_user, cut)
+        resources.client.set_model_version(project, version)
+    accepted = accept_confident(
+        resources.client, project, set_number, version, resources.auto_user, cut
+    )
     # Every wafer of the set was tried (unreadable ones are not tried again on every event).
-    bench.redis.hset(opened_key(project), str(set_number), version)
+    resources.redis.hset(opened_key(project), str(set_number), version)
     for p in failed[:20]:
         log.warning("set %d: %s", set_number, p.error)
     outcome = {

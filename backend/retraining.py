@@ -21,22 +21,23 @@ import numpy.typing as npt
 from rq import get_current_job
 
 from backend.calibration import calibrate
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import WaferClassifier, build_network
 from backend.encoding import encode_wafers
-from backend.images import ImageError
+from backend.images import ImageError, picture_reader
+from backend.job_resources import JobResources
 from backend.loop_state import (
-    annotations_of,
+    kept_annotations,
     label_of,
     labelled_by_person,
     serving_rule,
     set_number_of,
     trained_through,
 )
+from backend.model_card import HeldOutScores, ModelCard
 from backend.replay import RetrainPolicy, plan_retraining
 from backend.splits import stable_holdout, unrouted_holdout
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
 from backend.uncertainty import Measure, uncertainty
-from backend.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,12 @@ def with_validation(
     correct = probs.argmax(axis=1) == truth
     scores = uncertainty(probs, measure)
     cal = calibrate(scores, correct, measure, target_accuracy)
-    validation = {
-        "measure": measure.value,
-        "scores": [float(x) for x in scores],
-        "correct": [bool(x) for x in correct],
-    }
-    card = dataclasses.replace(card, training={**card.training, "validation": validation})
+    validation = HeldOutScores(
+        measure=measure.value,
+        scores=tuple(float(x) for x in scores),
+        correct=tuple(bool(x) for x in correct),
+    )
+    card = dataclasses.replace(card, validation=validation)
     return card, {
         "validation_wafers": float(len(truth)),
         "validation_accuracy": float(correct.mean()),
@@ -99,7 +100,7 @@ class TrainingExamples:
 
 
 def training_examples(
-    bench: Workbench, tasks: Sequence[Mapping[str, Any]], size: int
+    resources: JobResources, tasks: Sequence[Mapping[str, Any]], size: int
 ) -> TrainingExamples:
     """Every annotated wafer, by task id; die maps from the project's wafer store, pictures
     read back only for tasks without an entry there. Unreadable pictures and labels outside the
@@ -107,20 +108,20 @@ def training_examples(
     skipped: Counter[str] = Counter()
     labelled: dict[int, tuple[int, bool, Mapping[str, Any]]] = {}
     for task in tasks:
-        failure_type = label_of(task, bench.labels, bench.auto_user)
+        failure_type = label_of(task, resources.labels, resources.auto_user)
         if failure_type is None:
             continue
-        if failure_type not in bench.labels.failure_types:
+        if failure_type not in resources.labels.failure_types:
             skipped["unknown_failure_type"] += 1
             log.warning("task %s: unknown failure type %r skipped", task.get("id"), failure_type)
             continue
         labelled[int(task["id"])] = (
-            bench.labels.failure_types.index(failure_type),
-            labelled_by_person(task, bench.auto_user),
+            resources.labels.failure_types.index(failure_type),
+            labelled_by_person(task, resources.auto_user),
             task,
         )
     sets = {n for _, _, t in labelled.values() if (n := set_number_of(t)) is not None}
-    stored = bench.wafers.lookup(sets, labelled, bench.labels.failure_types)
+    stored = resources.wafers.lookup(sets, labelled, resources.labels.failure_types)
     parts = [encode_wafers(stored.maps, size)]
     ids = [int(t) for t in stored.task_ids]
     missing = sorted(set(labelled) - set(ids))
@@ -128,11 +129,11 @@ def training_examples(
         log.info(
             "%d labelled wafers are not in the wafer store: reading their pictures", len(missing)
         )
-        fetch = bench.fetch(size)
+        fetch = picture_reader(resources.settings, size)
         for task_id in missing:
             data = labelled[task_id][2].get("data") or {}
             try:
-                picture = fetch(data.get(bench.labels.image_value, ""))
+                picture = fetch(data.get(resources.labels.image_value, ""))
             except ImageError as exc:
                 skipped["unreadable_picture"] += 1
                 log.warning("task %s: %s", task_id, exc)
@@ -149,22 +150,22 @@ def training_examples(
     )
 
 
-def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
+def retrain(resources: JobResources, project: int, set_number: int) -> dict[str, Any]:
     """Train a new version on every annotated wafer, calibrate its routing threshold on a
     held-out part, store it atomically and serve it (the old versions stay)."""
     started = time.perf_counter()
-    s = bench.settings
-    current = bench.store.load_current()
+    s = resources.settings
+    current = resources.store.load_current()
     size = current.card.image_size if current is not None else s.image_size
     report_stage("listing labelled wafers")
-    tasks = [t for t in bench.client.labelled_tasks(project) if annotations_of(t)]
-    examples = training_examples(bench, tasks, size)
+    tasks = [t for t in resources.client.labelled_tasks(project) if kept_annotations(t)]
+    examples = training_examples(resources, tasks, size)
     codes, classes, skipped = examples.codes, examples.classes, examples.skipped
     if len(codes) < 2:
         raise ValueError(
             f"project {project} has {len(codes)} usable labelled wafers; need at least 2"
         )
-    n_classes = len(bench.labels.failure_types)
+    n_classes = len(resources.labels.failure_types)
     seed = int(np.random.SeedSequence([project, set_number]).generate_state(1)[0])
     # Validation: a stable share of the wafers a PERSON labelled. Stable, so a warm-started
     # model never trained on them; persons only, so the model is not graded against labels
@@ -176,7 +177,7 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     warm = (
         current is not None
         and current.card.backbone == s.backbone
-        and current.card.failure_types == bench.labels.failure_types
+        and current.card.failure_types == resources.labels.failure_types
     )
     network = (
         current.network
@@ -209,36 +210,36 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
     bounded = plan is not None and plan.new >= 2
     if plan is not None and bounded:
         report, adjust = train_bounded(
-            network, codes, classes, plan, n_classes, config, bench.store.device
+            network, codes, classes, plan, n_classes, config, resources.store.device
         )
         train = plan.train  # val stays the whole stable person hold-out (calibration)
     else:
         report = train_network(
-            network, codes[train], classes[train], n_classes, config, bench.store.device
+            network, codes[train], classes[train], n_classes, config, resources.store.device
         )
         adjust = logit_adjustment(classes[train], n_classes, config.balance)
-    version = bench.store.next_version(f"set{set_number}")
+    version = resources.store.next_version(f"set{set_number}")
     card = ModelCard(
         version=version,
-        failure_types=bench.labels.failure_types,
+        failure_types=resources.labels.failure_types,
         image_size=size,
         backbone=s.backbone,
         logit_adjustment=tuple(float(a) for a in adjust),
+        trained_through_set=set_number,
+        project=project,
+        route_measure=s.route_measure,
         training=config.to_dict()
         | {
             "samples": report.samples,
             "bounded": bounded,
-            "trained_through_set": set_number,
-            "project": project,
             "train_wafers": len(train),
             "validation_wafers": len(val),
             "warm_start": bool(warm),
-            "route_measure": s.route_measure,
             "skipped": skipped,
             "train_seconds": round(report.seconds, 2),
         },
     )
-    model = WaferClassifier(network=network, card=card, device=bench.store.device)
+    model = WaferClassifier(network=network, card=card, device=resources.store.device)
     metrics: dict[str, float] = {"train_wafers": float(len(train))}
     # Routing is calibrated on the held-out wafers of sets persons labelled completely when
     # there are enough of them (`backend.splits.unrouted_holdout`): a routed set's engineer
@@ -261,10 +262,12 @@ def retrain(bench: Workbench, project: int, set_number: int) -> dict[str, Any]:
         )
         metrics |= calibration
     model = WaferClassifier(
-        network=network, card=dataclasses.replace(card, metrics=metrics), device=bench.store.device
+        network=network,
+        card=dataclasses.replace(card, metrics=metrics),
+        device=resources.store.device,
     )
     report_stage("publishing")
-    bench.store.publish(model)
+    resources.store.publish(model)
     outcome = {
         "action": "retrain",
         "set": set_number,

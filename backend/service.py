@@ -27,8 +27,7 @@ from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from backend.classifier import pick_device
 from backend.events import EventError, QueueUnavailableError, handle_event
-from backend.image_client import ImageClient, shared_image_client
-from backend.images import ImageRules, model_input
+from backend.images import picture_reader
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.loop_keys import QUEUES
@@ -53,7 +52,7 @@ QUOTED_ERRORS = 3
 HEALTH_WAIT_S = 0.7
 
 
-def project_id(value: str | int | None) -> int:
+def parse_project_id(value: str | int | None) -> int:
     """The project id in what Label Studio sends ("<id>.<created timestamp>", or the bare id);
     BadRequest saying what is wrong otherwise."""
     if value is None or value == "":
@@ -114,7 +113,7 @@ class WaferLabelingService:
 
     def model_version(self, project: str | int | None) -> str:
         """The version a project's predictions carry (what /setup reports)."""
-        return self.store(project_id(project)).current_version() or NO_MODEL
+        return self.store(parse_project_id(project)).current_version() or NO_MODEL
 
     def health(self) -> dict[str, Any]:
         """Each project's served version and every store problem (a CURRENT that cannot be
@@ -165,7 +164,7 @@ class WaferLabelingService:
         trained-through set + 1) gets an entry without a result, which Label Studio does not
         store: an engineer who opens such a task early would otherwise leave an old model's
         prediction on it, beside the one its set gets when it is opened."""
-        number = project_id(project)
+        number = parse_project_id(project)
         classifier = self.store(number).load_current()
         if classifier is None:
             message = f"no model is trained yet for project {number}: import its initial set first"
@@ -177,7 +176,7 @@ class WaferLabelingService:
             for t in tasks
         ]
         current = [t for t, skip in zip(tasks, later, strict=True) if not skip]
-        fetch = _Fetch(self._http, self.settings, classifier.card.image_size)
+        fetch = picture_reader(self.settings, classifier.card.image_size, self._http)
         rule = partial(serving_rule, self.settings, classifier.card)
         # Tasks imported with the wafer store need no picture: their die maps are there.
         stored = WaferStore.for_project(self.settings.model_dir, number).task_codes(
@@ -201,7 +200,7 @@ class WaferLabelingService:
 
     def versions(self, project: str | None) -> list[str]:
         """The project's stored versions, oldest first; always holding what /setup reports."""
-        store = self.store(project_id(project))
+        store = self.store(parse_project_id(project))
         found = store.versions()
         served = store.current_version() or NO_MODEL
         return found if served in found else [*found, served]
@@ -271,31 +270,3 @@ def _version_facts(store: ModelStore, name: str) -> dict[str, Any]:
         }
     except (ValueError, TypeError, OverflowError) as exc:
         return {"version": name, "error": f"the model card is unreadable: {exc}"}
-
-
-class _Fetch:
-    """A task image value -> die codes of the model's input size, within the WAFER_IMAGE_*
-    limits (the Label Studio token is sent only to LABEL_STUDIO_URL).
-
-    Pictures are downloaded with the process's `shared_image_client` (connections checked and
-    pinned, deadline per download) unless ``http`` already is such a client.
-    """
-
-    def __init__(self, http: httpx.Client, settings: Settings, size: int) -> None:
-        self._rules = ImageRules.from_settings(settings)
-        self._http = (
-            http
-            if isinstance(http, ImageClient)
-            else shared_image_client(settings.label_studio_url, settings.image_hosts)
-        )
-        self._settings, self._size = settings, size
-
-    def __call__(self, value: str) -> Any:
-        return model_input(
-            value,
-            self._http,
-            label_studio_url=self._settings.label_studio_url,
-            api_key=self._settings.label_studio_api_key or None,
-            size=self._size,
-            rules=self._rules,
-        )

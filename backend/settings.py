@@ -18,7 +18,7 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wm811k" / "LSWMD.zip"
 BACKBONES = ("resnet50", "resnet18", "wafercnn")
 DEVICES = ("auto", "cpu", "cuda")
 
-#: Environment variable -> what it sets (printed by `python -m backend settings`, kept in README).
+#: Environment variable -> what it sets (printed by `python -m backend settings`; docs/settings.md lists them).
 ENVIRONMENT = {
     "WAFER_DATA": "wafer-map file: LSWMD.pkl, LSWMD.zip or .npz (default ../shared/data/wm811k/LSWMD.zip)",
     "WAFER_CACHE_DIR": "where converted wafer data is cached (default ~/.cache/wafermap-labeling)",

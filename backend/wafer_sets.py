@@ -32,6 +32,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from backend.encoding import render_picture
+from backend.files import atomic_text_writer, atomic_write_bytes
 from backend.images import data_url, png_bytes
 from backend.label_config import LabelConfig
 from backend.labelstudio import (
@@ -139,10 +140,7 @@ class PictureFiles:
     def value(self, source: str, wafer_id: int, png: bytes) -> str:
         """Write the picture and return the task's image value."""
         path = self.folder / source / f"{int(wafer_id)}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(png)
-        tmp.replace(path)
+        atomic_write_bytes(path, png)
         return "/data/local-files/?d=" + quote(str(path.relative_to(self.document_root)))
 
 
@@ -233,8 +231,7 @@ def import_sets(
 
 def write_truth(path: Path, plan: SetPlan) -> Path:
     """The true failure type of every planned wafer, for simulations: wafer_id, set, type."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_text_writer(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(TRUTH_COLUMNS)
         for number in plan.set_numbers:

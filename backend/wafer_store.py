@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from backend.encoding import encode_wafers
+from backend.files import atomic_write_text, atomic_writer
 from backend.wafers import WaferMaps
 
 log = logging.getLogger(__name__)
@@ -128,33 +127,26 @@ class WaferStore:
         if ids.size == 0:
             raise ValueError("no wafers to store")
         folder = self.set_dir(set_number)
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{int(ids.min())}-{int(ids.max())}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(
-                    f,
-                    task_ids=ids,
-                    sources=np.full(ids.size, source, dtype=f"<U{max(len(source), 1)}"),
-                    wafer_ids=wafers.source_row,
-                    lots=wafers.lots,
-                    wafer_index=wafers.wafer_index,
-                    flat=wafers.flat,
-                    offsets=wafers.offsets,
-                    shapes=wafers.shapes,
-                )
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as f:
+            np.savez_compressed(
+                f,
+                task_ids=ids,
+                sources=np.full(ids.size, source, dtype=f"<U{max(len(source), 1)}"),
+                wafer_ids=wafers.source_row,
+                lots=wafers.lots,
+                wafer_index=wafers.wafer_index,
+                flat=wafers.flat,
+                offsets=wafers.offsets,
+                shapes=wafers.shapes,
+            )
         return path
 
     def save_routing(self, routing: SetRouting) -> None:
         """Keep the set's routing (atomically replacing an earlier one)."""
         folder = self.set_dir(routing.set_number)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_text(folder / "routing.json", routing.to_json())
+        atomic_write_text(folder / "routing.json", routing.to_json())
 
     def routing(self, set_number: int, model_version: str) -> SetRouting | None:
         """The set's routing by `model_version`, or None when there is none (or it is unreadable)."""
@@ -270,17 +262,6 @@ class WaferStore:
         # A task stored twice (a chunk imported again after a crash) keeps one entry.
         _, first = np.unique(found.task_ids, return_index=True)
         return found if first.size == len(found) else _take(found, first)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _take(wafers: StoredWafers, rows: npt.NDArray[np.intp]) -> StoredWafers:

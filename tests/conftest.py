@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from backend.harness.stack import LabelStudioServer, running_label_studio
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient
-from backend.sources import DEFAULT_DATA, LoadReport, load_wafers
-from backend.stack import LabelStudioServer, running_label_studio
+from backend.settings import DEFAULT_DATA
+from backend.sources import load_wafers
+from backend.sources.cache import LoadReport
 from backend.wafers import WaferMaps
 
 

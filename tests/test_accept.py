@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from backend.harness.stack import LabelStudioServer, create_user, free_port
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import FilterOperator, LabelStudioClient, LabelStudioError, TaskFilter
 from backend.loop_state import (
@@ -34,7 +35,6 @@ from backend.loop_state import (
     labelled_by_person,
 )
 from backend.preannotation import accept_confident, unaccepted_wafers
-from backend.stack import LabelStudioServer, create_user, free_port
 
 VERSION = "set1-v2"
 OLD_VERSION = "set0-v1"

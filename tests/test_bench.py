@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.bench import BenchPlan, bench_data, report_lines, run_bench, write_json
 from backend.cli import main
+from backend.harness.bench import BenchPlan, bench_data, report_lines, run_bench, write_json
 from backend.label_config import LabelConfig
 from backend.settings import Settings
-from backend.sources import load_wafers, save_npz
+from backend.sources import load_wafers
+from backend.sources.arrays import save_npz
 from backend.wafers import WaferMaps
 
 TINY = BenchPlan(

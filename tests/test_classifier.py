@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from backend import classifier as clf
-from backend.classifier import ModelCard, WaferClassifier, build_network, load_version, save_version
+from backend.classifier import WaferClassifier, build_network, load_version, save_version
+from backend.model_card import ModelCard
 from backend.replay import RetrainPolicy, plan_retraining
 from backend.training import (
     EarlyStopping,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.demo import SetRow, _stop_on_signals, results_table
-from backend.engineers import SetOutcome
+from backend.harness.demo import SetRow, _stop_on_signals, results_table
+from backend.harness.simulated_engineers import SetCheck
 
 
 def test_sigterm_stops_the_demo_like_ctrl_c() -> None:
@@ -23,8 +23,8 @@ def test_sigterm_stops_the_demo_like_ctrl_c() -> None:
 
 def test_results_table_totals() -> None:
     rows = [
-        SetRow(SetOutcome(1, 100, 60, 40, 1, 0, "v001-set0"), 5.0, 30.0),
-        SetRow(SetOutcome(2, 100, 30, 70, 0, 0, "v002-set1"), 4.0, 25.5),
+        SetRow(SetCheck(1, 100, 60, 40, 1, 0, "v001-set0"), 5.0, 30.0),
+        SetRow(SetCheck(2, 100, 30, 70, 0, 0, "v002-set1"), 4.0, 25.5),
     ]
     table = results_table(rows)
     assert "| 1 | 100 | 60 (60.0%) | 40 | 1 | 99.00% | v001-set0 | 30.0 s |" in table
@@ -34,7 +34,7 @@ def test_results_table_totals() -> None:
 def test_the_demo_plan_is_a_history_plus_sets_of_the_asked_size() -> None:
     import numpy as np
 
-    from backend.demo import DemoConfig, demo_plan
+    from backend.harness.demo import DemoConfig, demo_plan
     from backend.wafers import WaferMaps
 
     n = 400

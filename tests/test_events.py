@@ -9,7 +9,7 @@ from redis import Redis
 from rq import Queue
 
 from backend.events import EventError, QueueUnavailableError, handle_event, project_of
-from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE, advance_key, opened_key
+from backend.loop_keys import EVENTS_QUEUE, TRAINING_QUEUE, advance_key, opened_key
 
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 AUTO_USER = 1

@@ -15,15 +15,16 @@ from redis import Redis
 from backend.classifier import WaferClassifier
 from backend.cli import main
 from backend.first_model import cached_first_model, history_from_wafers, set0_task_ids
+from backend.harness.stack import LabelStudioServer
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient, set_filter
 from backend.loop_state import trained_through
 from backend.model_store import ModelStore
 from backend.service import WaferLabelingService
 from backend.settings import Settings
-from backend.sources import LoadReport, save_npz
+from backend.sources.arrays import save_npz
+from backend.sources.cache import LoadReport
 from backend.splits import stable_holdout, stratified_sample
-from backend.stack import LabelStudioServer
 from backend.training import TrainConfig
 from backend.wafers import WaferMaps
 
@@ -105,7 +106,7 @@ def test_train_publishes_a_served_version_trained_through_set_0(
     held_out = int(stable_holdout(keys, fraction).sum())
     assert card.metrics["validation_wafers"] == held_out > 0
     assert card.training["train_wafers"] + held_out == len(wafer_ids)
-    assert len(card.training["validation"]["scores"]) == held_out
+    assert card.validation is not None and len(card.validation.scores) == held_out
     assert "route_threshold" in card.metrics
 
     # What Label Studio's /setup would be told for this project.
@@ -186,7 +187,7 @@ def test_a_first_model_is_trained_once_then_taken_from_the_cache(
     assert not cached
     [kept] = (tmp_path / "first-models").iterdir()
     again, cached = first_model(config, project=9)
-    assert cached and again.card.training["project"] == 9
+    assert cached and again.card.project == 9
     assert again.card.metrics == first.card.metrics
     codes = history.codes[:8]
     np.testing.assert_allclose(again.predict_proba(codes), first.predict_proba(codes), atol=1e-6)

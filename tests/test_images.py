@@ -40,7 +40,7 @@ from backend.addresses import (
     parse_hosts,
     refusal,
 )
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import WaferClassifier, build_network
 from backend.encoding import PALETTE, picture_colours, render_picture, resize_nearest
 from backend.image_client import (
     GuardedNetwork,
@@ -55,13 +55,14 @@ from backend.images import (
     fetch_image,
     model_input,
     picture_codes,
+    picture_reader,
     png_bytes,
     read_picture,
 )
 from backend.label_config import LabelConfig
+from backend.model_card import ModelCard
 from backend.predictions import ERROR_ROUTE, predict_tasks
 from backend.routing import STUDY_RULES
-from backend.service import _Fetch
 from backend.settings import Settings
 from backend.uncertainty import Measure
 
@@ -1029,11 +1030,14 @@ def test_redact_urls() -> None:
 
 def test_the_service_fetches_with_a_guarded_client() -> None:
     settings = Settings(label_studio_url="http://127.0.0.1:1", image_hosts=("pictures.example",))
-    fetch = _Fetch(httpx.Client(), settings, 16)
-    assert isinstance(fetch._http, ImageClient)
-    assert _Fetch(httpx.Client(), settings, 16)._http is fetch._http  # one per process
+    fetch = picture_reader(settings, 16, httpx.Client())
+    assert isinstance(fetch.keywords["client"], ImageClient)
+    # one per process
+    assert (
+        picture_reader(settings, 16, httpx.Client()).keywords["client"] is fetch.keywords["client"]
+    )
     own = image_client(None)
-    assert _Fetch(own, settings, 16)._http is own
+    assert picture_reader(settings, 16, own).keywords["client"] is own
 
 
 # ---- a bad picture never fails its batch ---------------------------------------------------------
@@ -1054,7 +1058,7 @@ def test_a_bomb_and_a_dds_between_good_tasks_leave_the_good_ones_their_die_maps(
             "/data/upload/good-2.png": content(png_bytes(render_picture(maps[1]))),
         }
     ) as ls:
-        fetch = _Fetch(httpx.Client(), Settings(label_studio_url=ls.url), size)
+        fetch = picture_reader(Settings(label_studio_url=ls.url), size, httpx.Client())
         tasks = [
             {"id": i, "data": {label_config.image_value: f"/data/upload/{name}"}}
             for i, name in enumerate(["good-1.png", "bomb.png", "wafer.dds", "good-2.png"])

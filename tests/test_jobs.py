@@ -14,28 +14,30 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 
-from backend.classifier import ModelCard
-from backend.jobs import (
+from backend.label_config import LabelConfig
+from backend.loop_keys import (
     ADVANCE_DEBOUNCE_S,
     EVENTS_QUEUE,
     TRAINING_QUEUE,
-    LabelSource,
-    NextStep,
-    SetState,
     advance_key,
-    annotation_source,
-    label_of,
-    next_step,
     request_advance,
     request_retrain,
     retrain_job_id,
     retrain_key,
     retrain_pending,
+)
+from backend.loop_state import (
+    LabelSource,
+    NextStep,
+    SetState,
+    annotation_source,
+    label_of,
+    next_step,
     serving_rule,
     set_states,
     trained_through,
 )
-from backend.label_config import LabelConfig
+from backend.model_card import HeldOutScores, ModelCard
 from backend.routing import Route, RoutingRule
 from backend.settings import ROUTE_MEASURES, Settings
 from backend.uncertainty import Measure
@@ -88,7 +90,10 @@ def known(set_number: int, n: int) -> list[dict[str, Any]]:
 
 
 def card(
-    *, metrics: dict[str, float] | None = None, training: dict[str, Any] | None = None
+    *,
+    metrics: dict[str, float] | None = None,
+    trained_through_set: int | None = None,
+    route_measure: str | None = None,
 ) -> ModelCard:
     return ModelCard(
         version=VERSION,
@@ -97,7 +102,8 @@ def card(
         backbone="resnet18",
         logit_adjustment=(0.0, 0.0),
         metrics=metrics or {},
-        training=training or {},
+        trained_through_set=trained_through_set,
+        route_measure=route_measure,
     )
 
 
@@ -242,10 +248,8 @@ def test_everything_finished_and_learnt_waits() -> None:
 def test_trained_through_reads_the_card() -> None:
     assert trained_through(None) is None
     assert trained_through(card()) is None
-    assert trained_through(card(training={"trained_through_set": 2})) == 2
-    assert trained_through(card(training={"trained_through_set": 3.0})) == 3
-    assert trained_through(card(training={"trained_through_set": True})) is None
-    assert trained_through(card(training={"trained_through_set": "2"})) is None
+    assert trained_through(card(trained_through_set=2)) == 2
+    assert trained_through(card(trained_through_set=0)) == 0
 
 
 # ---- the routing rule in force -----------------------------------------------------------------
@@ -253,13 +257,13 @@ def test_trained_through_reads_the_card() -> None:
 
 def test_fixed_threshold_beats_the_card() -> None:
     settings = Settings(route_threshold=0.3, route_measure="least-confidence")
-    calibrated = card(metrics={"route_threshold": 0.7}, training={"route_measure": "entropy"})
+    calibrated = card(metrics={"route_threshold": 0.7}, route_measure="entropy")
     assert serving_rule(settings, calibrated) == RoutingRule(Measure.LEAST_CONFIDENCE, 0.3)
     assert serving_rule(settings, None) == RoutingRule(Measure.LEAST_CONFIDENCE, 0.3)
 
 
 def test_calibrated_threshold_of_the_card_without_a_fixed_one() -> None:
-    calibrated = card(metrics={"route_threshold": 0.2}, training={"route_measure": "entropy"})
+    calibrated = card(metrics={"route_threshold": 0.2}, route_measure="entropy")
     assert serving_rule(Settings(), calibrated) == RoutingRule(Measure.ENTROPY, 0.2)
     # A card without its measure uses the configured one.
     plain = card(metrics={"route_threshold": 0.05})
@@ -373,7 +377,6 @@ def test_request_advance_releases_its_key_when_the_enqueue_fails(
 def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
     import numpy as np
 
-    from backend.classifier import ModelCard
     from backend.settings import Settings
     from backend.uncertainty import margin
 
@@ -386,7 +389,7 @@ def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
         image_size=16,
         backbone="resnet18",
         logit_adjustment=(0.0, 0.0),
-        training={"validation": {"measure": "margin", "scores": scores, "correct": correct}},
+        validation=HeldOutScores("margin", tuple(scores), tuple(correct)),
     )
     confident = np.array([[1.0, 0.0]] * 8 + [[0.55, 0.45]] * 2)
     rule = serving_rule(Settings(target_accuracy=0.99), card, confident)

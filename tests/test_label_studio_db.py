@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import yaml
 
-from backend.label_studio_db import (
+from backend.harness.label_studio_db import (
     DATABASE_FILE,
     DEFAULT_ADMIN_URL,
     SQLITE_FILE,
@@ -19,7 +19,8 @@ from backend.label_studio_db import (
     database_name,
     drop_database,
 )
-from backend.stack import REPO_ROOT, Credentials, free_port, server_environment
+from backend.harness.stack import Credentials, free_port, server_environment
+from backend.settings import REPO_ROOT
 
 
 def _postgres_answers() -> bool:

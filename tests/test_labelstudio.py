@@ -22,6 +22,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from backend.harness.stack import (
+    LabelStudioServer,
+    create_user,
+    free_port,
+)
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
 from backend.labelstudio import (
     WEBHOOK_ACTIONS,
@@ -29,11 +34,6 @@ from backend.labelstudio import (
     LabelStudioClient,
     LabelStudioError,
     TaskFilter,
-)
-from backend.stack import (
-    LabelStudioServer,
-    create_user,
-    free_port,
 )
 
 #: The top-level keys of the ANNOTATION_CREATED payload (send_payload=True), measured.

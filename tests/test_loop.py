@@ -29,14 +29,8 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.engineers import label_uncertain, set_outcome, wait_until_idle
-from backend.jobs import QUEUES, TRAINING_QUEUE, WORKER_CLASS, retrain_job_id
-from backend.label_config import LabelConfig
-from backend.labelstudio import LabelStudioClient
-from backend.model_store import ModelStore
-from backend.ops import ENGINEER_VIEW, set_counts, wire_project
-from backend.settings import Settings
-from backend.stack import (
+from backend.harness.simulated_engineers import label_uncertain, set_outcome, wait_until_idle
+from backend.harness.stack import (
     Credentials,
     LabelStudioServer,
     create_user,
@@ -45,6 +39,13 @@ from backend.stack import (
     running_worker,
     wait_for_worker,
 )
+from backend.jobs import WORKER_CLASS
+from backend.label_config import LabelConfig
+from backend.labelstudio import LabelStudioClient
+from backend.loop_keys import QUEUES, TRAINING_QUEUE, retrain_job_id
+from backend.model_store import ModelStore
+from backend.projects import ENGINEER_VIEW, set_counts, wire_project
+from backend.settings import Settings
 from backend.wafer_sets import WM811K_SOURCE, SetPlan, import_sets, import_wafers, plan_sets
 from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
@@ -264,11 +265,12 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     assert job.get_status() == JobStatus.FINISHED
     assert Queue(TRAINING_QUEUE, connection=loop.redis).count == 0
     card = loop.store.card(second)
-    assert card.training["trained_through_set"] == 1
+    assert card.trained_through_set == 1
     # set 1 was routed (auto labels), so its engineer labels are not a fair calibration sample,
     # but set 0's ~35 held-out wafers are fewer than unrouted_holdout's minimum: all are used
     assert card.training["calibration_wafers"] == "all person labels"
-    assert card.metrics["validation_wafers"] == len(card.training["validation"]["scores"])
+    assert card.validation is not None
+    assert card.metrics["validation_wafers"] == len(card.validation.scores)
 
     assert backend_client.project_model_version(loop.project) == second
     auto_user = backend_client.current_user_id()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from backend.metrics import (
+from backend.study.metrics import (
     confusion_matrix,
     labeling_accuracy,
     macro_f1,

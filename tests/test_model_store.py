@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.classifier import (
-    ModelCard,
-    WaferClassifier,
-    build_network,
-    load_version,
-    read_card,
-    save_version,
-)
+from backend.classifier import WaferClassifier, build_network, load_version, read_card, save_version
+from backend.model_card import ModelCard
 from backend.model_store import ModelStore
 
 CPU = torch.device("cpu")
@@ -33,11 +27,6 @@ CODES = np.random.default_rng(0).integers(0, 3, (4, 16, 16)).astype(np.uint8)
 def classifier(
     version: str, seed: int = 0, project: int | None = None, through: int | None = None
 ) -> WaferClassifier:
-    training: dict[str, int] = {}
-    if project is not None:
-        training["project"] = project
-    if through is not None:
-        training["trained_through_set"] = through
     card = ModelCard(
         version,
         ("Center", "none"),
@@ -45,7 +34,8 @@ def classifier(
         "resnet18",
         (0.0, 0.0),
         metrics={"validation_accuracy": 0.5 + seed / 10},
-        training=training,
+        trained_through_set=through,
+        project=project,
     )
     network = build_network("resnet18", 2, seed=seed)
     head = network.get_submodule("fc.linear")
@@ -122,11 +112,11 @@ def test_two_projects_in_one_model_dir_each_serve_their_own(tmp_path: Path) -> N
     assert a.next_version("set0") == "v001-set0"  # B's numbers do not count for A
     fresh_b = ModelStore.for_project(tmp_path, 2, CPU)
     card_b = fresh_b.current_card()
-    assert card_b is not None and card_b.training["trained_through_set"] == 3
+    assert card_b is not None and card_b.trained_through_set == 3
     # A publishes its own version of the same name; B keeps serving its own
     a.publish(classifier("v001-set0", seed=1, project=1, through=0))
     card_a = ModelStore.for_project(tmp_path, 1, CPU).current_card()
-    assert card_a is not None and card_a.training == {"project": 1, "trained_through_set": 0}
+    assert card_a is not None and (card_a.project, card_a.trained_through_set) == (1, 0)
     served_a = predictions(ModelStore.for_project(tmp_path, 1, CPU).load_current())
     served_b = predictions(ModelStore.for_project(tmp_path, 2, CPU).load_current())
     assert not np.allclose(served_a, served_b, atol=1e-3)
@@ -341,14 +331,14 @@ if point == "weights":  # half the checkpoint written, then killed
         stop()
     classifier_module.torch.save = half_save
 else:  # the new version stored, CURRENT being replaced
-    real_write = store_module._write_atomically
+    real_write = store_module.atomic_write_text
     def write(path, text):
         if path.name == "CURRENT":
             with open(path.with_name(".CURRENT.partial"), "w") as handle:
                 handle.write(text[:2])
             stop()
         real_write(path, text)
-    store_module._write_atomically = write
+    store_module.atomic_write_text = write
 store_module.ModelStore(root, classifier_module.torch.device("cpu")).publish(
     classifier("v002-set1", seed=2)
 )

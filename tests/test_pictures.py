@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from backend.encoding import resize_nearest
+from backend.harness.stack import LabelStudioServer
 from backend.image_client import shared_image_client
 from backend.images import model_input
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient
-from backend.sources import LoadReport
-from backend.stack import LabelStudioServer
+from backend.sources.cache import LoadReport
 from backend.wafer_sets import PictureFiles, import_wafers
 from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import WaferClassifier, build_network
 from backend.encoding import render_picture, resize_nearest
 from backend.images import ImageError, ImageRules, data_url, model_input, png_bytes
 from backend.label_config import LabelConfig
+from backend.model_card import ModelCard
 from backend.predictions import (
     ERROR_ROUTE,
     WaferPrediction,

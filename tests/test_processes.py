@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from backend.processes import group_alive, stop_process
+from backend.harness.processes import group_alive, stop_process
 
 #: A leader that starts a helper ignoring SIGTERM, as a stubborn Chromium helper would, then waits.
 STUBBORN_HELPER = (

@@ -39,7 +39,17 @@ from rq import Queue, Worker, get_current_job
 from rq.job import Job, JobStatus
 
 from backend import cli
-from backend.engineers import label_uncertain, wait_until_idle
+from backend.harness.simulated_engineers import label_uncertain, wait_until_idle
+from backend.harness.stack import (
+    Credentials,
+    LabelStudioServer,
+    create_user,
+    free_port,
+    running_redis,
+    running_worker,
+    wait_for_worker,
+)
+from backend.job_resources import JobResources
 from backend.jobs import WORKER_CLASS, advance
 from backend.label_config import LabelConfig
 from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, set_filter
@@ -62,19 +72,9 @@ from backend.loop_state import trained_through
 from backend.model_store import ModelStore
 from backend.retraining import retrain
 from backend.settings import Settings
-from backend.stack import (
-    Credentials,
-    LabelStudioServer,
-    create_user,
-    free_port,
-    running_redis,
-    running_worker,
-    wait_for_worker,
-)
 from backend.wafer_sets import SetPlan, import_sets, plan_sets, wafer_task
 from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
-from backend.workbench import Workbench
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -261,7 +261,7 @@ def test_a_worker_killed_mid_retraining_leaves_the_model_served_and_is_recovered
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # The first model, trained here on the initial set.
-    bench = Workbench.open(world.settings, world.redis, world.project)
+    bench = JobResources.open(world.settings, world.redis, world.project)
     try:
         first = retrain(bench, world.project, 0)["model_version"]
     finally:
@@ -463,7 +463,7 @@ def test_redis_stopped_and_restarted_mid_loop_loses_nothing(
             assert after == count, f"set {n}: {count} labelled before, {after} after"
         assert set(predictions_of(client, world.project, 3, current)) == {1}
     # All is repaired: a last reconcile finds nothing to do.
-    bench = Workbench.open(world.settings, world.redis, world.project)
+    bench = JobResources.open(world.settings, world.redis, world.project)
     try:
         last = advance(bench, world.project)
     finally:
@@ -488,7 +488,7 @@ def test_another_project_retraining_changes_nothing_of_this_one(
     other = ls.create_project(f"other {uuid.uuid4().hex[:8]}", config)
     with world.client(world.auto) as client:
         import_sets(client, other, other_plan, label_config, [0])
-    bench = Workbench.open(world.settings, world.redis, other)
+    bench = JobResources.open(world.settings, world.redis, other)
     try:
         outcome = retrain(bench, other, 0)
         other_step = advance(bench, other)
@@ -502,7 +502,7 @@ def test_another_project_retraining_changes_nothing_of_this_one(
     assert fresh.current_version() == served
     assert trained_through(fresh.current_card()) == trained_through(card) == 2
     assert other_step["steps"][-1]["action"] == "wait", other_step
-    bench = Workbench.open(world.settings, world.redis, world.project)
+    bench = JobResources.open(world.settings, world.redis, world.project)
     try:
         again = advance(bench, world.project)
     finally:

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.browser import CHROMIUM_NAMES, INSTALL_HINT, Box
+from backend.harness.browser import CHROMIUM_NAMES, INSTALL_HINT, Box
+from backend.harness.screenshots import take_screenshots
+from backend.harness.stack import LabelStudioServer
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient
-from backend.ops import make_views
+from backend.projects import make_views
 from backend.routing import sureness
-from backend.screenshots import take_screenshots
-from backend.sources import LoadReport
-from backend.stack import LabelStudioServer
+from backend.sources.cache import LoadReport
 from backend.uncertainty import Measure
 from backend.wafer_sets import choice_result, wafer_task
 from backend.wafers import WaferMaps

@@ -25,15 +25,16 @@ from rq import Queue
 
 from backend import service as service_module
 from backend.app import MLBackend, create_app
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import WaferClassifier, build_network
 from backend.encoding import render_picture
+from backend.harness.stack import free_port, running_backend, venv_bin
 from backend.images import data_url, png_bytes
-from backend.jobs import EVENTS_QUEUE, TRAINING_QUEUE
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
+from backend.loop_keys import EVENTS_QUEUE, TRAINING_QUEUE
+from backend.model_card import ModelCard
 from backend.model_store import ModelStore
 from backend.service import NO_MODEL, WaferLabelingService
 from backend.settings import REPO_ROOT, Settings
-from backend.stack import free_port, running_backend, venv_bin
 from model import WaferMapModel
 from tests.conftest import TEST_REDIS_URL
 
@@ -74,7 +75,7 @@ def publish_tiny_model(
         image_size=SIZE,
         backbone="resnet18",
         logit_adjustment=(0.0,) * n,
-        training={"trained_through_set": 0},
+        trained_through_set=0,
         metrics={"route_threshold": 0.5, "validation_accuracy": 0.9},
     )
     network = build_network("resnet18", n, seed=seed)

@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 
 from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
-from backend.sources import DEFAULT_DATA, LoadReport, load_wafers, save_npz
-from backend.sources.arrays import load_npz
+from backend.settings import DEFAULT_DATA
+from backend.sources import load_wafers
+from backend.sources.arrays import load_npz, save_npz
+from backend.sources.cache import LoadReport
 from backend.sources.lswmd import LSWMD_GLOBALS, LegacyPandasUnpickler, _open_pickle
 from backend.wafers import WaferMaps
 

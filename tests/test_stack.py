@@ -1,4 +1,4 @@
-"""backend.stack: real Redis servers, gunicorn and rq workers, started and stopped (a few seconds).
+"""backend.harness.stack: real Redis servers, gunicorn and rq workers, started and stopped (a few seconds).
 
 Label Studio itself is exercised by tests/test_labelstudio.py. The machine's Redis on
 127.0.0.1:6379 is used as is (database 15, flushed before and after).
@@ -18,8 +18,8 @@ from redis import Redis
 from rq import Queue
 from rq.job import JobStatus
 
-from backend import stack
-from backend.stack import (
+from backend.harness import stack
+from backend.harness.stack import (
     StackError,
     free_port,
     redis_answers,

@@ -15,7 +15,7 @@ import pytest
 
 from backend.cli import main
 from backend.routing import STUDY_RULES
-from backend.sources import LoadReport
+from backend.sources.cache import LoadReport
 from backend.uncertainty import Measure
 from backend.wafers import WaferMaps
 

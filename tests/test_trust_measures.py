@@ -6,21 +6,21 @@ import numpy.typing as npt
 import pytest
 
 from backend.calibration import calibrate, calibrate_scores
-from backend.class_errors import (
+from backend.study.error_curves import (
     cross_fitted_errors,
     fit_class_errors,
     isotonic_increasing,
 )
-from backend.novelty import energy, is_novel, novelty_cut
-from backend.routing_methods import (
+from backend.study.novelty import energy, is_novel, novelty_cut
+from backend.study.routing_methods import (
     METHODS,
     Evidence,
     accuracy_curve,
     engineer_share_for,
     route_at_target,
 )
-from backend.symmetric_views import summarize_views, view_uncertainty
-from backend.temperature import (
+from backend.study.symmetric_views import summarize_views, view_uncertainty
+from backend.study.temperature import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from backend.labelstudio import LABEL_STUDIO_TASK_COLUMNS, LabelStudioClient, TaskFilter
-from backend.ops import (
+from backend.projects import (
     AUTO_VIEW,
     ENGINEER_VIEW,
     UNCERTAIN_FIRST,

@@ -13,17 +13,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from backend.sources.arrays import load_npz, save_npz
+from backend.settings import DEFAULT_DATA
+from backend.sources.arrays import load_npz
 from backend.sources.cache import LoadReport, cache_file_for, read_cache, write_cache
 from backend.sources.lswmd import read_lswmd
 from backend.wafers import WaferMaps
-
-__all__ = ["DEFAULT_DATA", "SUPPORTED_SUFFIXES", "LoadReport", "load_wafers", "save_npz"]
-
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wm811k" / "LSWMD.zip"
-)
-"""Where WM-811K is expected: ``../shared/data/wm811k/LSWMD.zip`` beside the checkout."""
 
 SUPPORTED_SUFFIXES = (".zip", ".pkl", ".npz")
 

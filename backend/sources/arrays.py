@@ -13,8 +13,6 @@ Beside them ``labels`` (n,) failure-type names as a string array, '' = unlabelle
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from backend.files import atomic_writer
 from backend.sources.cache import LoadReport, label_codes, sort_report, wanted_rows
 from backend.wafers import MAX_DIE_VALUE, WaferMaps
 
@@ -34,26 +33,19 @@ def save_npz(wafers: WaferMaps, path: Path) -> None:
     """Write ``wafers`` to ``path`` in the ragged layout (compressed; die maps shrink ~20x).
 
     Labels are written as names, so the file reads back with any class list that holds them. The
-    write is atomic: a temp file in the same folder, then ``os.replace``.
+    write is atomic (`backend.files.atomic_writer`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f,
-                maps_flat=wafers.flat,
-                shapes=wafers.shapes,
-                offsets=wafers.offsets,
-                labels=wafers.label_names(),
-                lots=wafers.lots,
-                wafer_index=wafers.wafer_index,
-                source_row=wafers.source_row,
-            )
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        np.savez_compressed(
+            f,
+            maps_flat=wafers.flat,
+            shapes=wafers.shapes,
+            offsets=wafers.offsets,
+            labels=wafers.label_names(),
+            lots=wafers.lots,
+            wafer_index=wafers.wafer_index,
+            source_row=wafers.source_row,
+        )
 
 
 def load_npz(

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from backend.files import atomic_writer
 from backend.wafers import WaferMaps
 
 CACHE_FORMAT_VERSION = 1
@@ -139,25 +138,15 @@ def cache_file_for(
 
 
 def write_cache(path: Path, wafers: WaferMaps, report: LoadReport) -> None:
-    """Save ``wafers`` and ``report`` to ``path`` atomically (temp file in the same folder, then
-    ``os.replace``), so a reader never sees half a file. Uncompressed: die maps load fastest so.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``wafers`` and ``report`` to ``path`` atomically (`backend.files.atomic_writer`), so a reader never sees half a file. Uncompressed: die maps load fastest so."""
     skip = ("from_cache", "seconds", "cache_file")
     fields = {k: v for k, v in asdict(report).items() if k not in skip}
     arrays: dict[str, Any] = {name: getattr(wafers, name) for name in _ARRAY_FIELDS}
     arrays["classes"] = np.array(wafers.classes, dtype=np.str_)
     arrays["report"] = np.array(json.dumps(fields))
     arrays["format_version"] = np.array(CACHE_FORMAT_VERSION)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        Path(tmp).chmod(0o644)  # mkstemp makes it 0600; a shared CI cache must be readable
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:  # readable by all: a CI cache may be shared
+        np.savez(f, **arrays)
 
 
 def read_cache(path: Path, seconds_since: float) -> tuple[WaferMaps, LoadReport] | None:

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.jobs import SetState
 from backend.label_config import parse_label_config
 from backend.labelstudio import (
     LABEL_STUDIO_TASK_COLUMNS,
@@ -22,6 +21,7 @@ from backend.labelstudio import (
     set_filter,
     unlabelled_filter,
 )
+from backend.loop_state import SetState
 from backend.model_store import ModelStore
 from backend.settings import Settings
 from backend.wafer_sets import INITIAL_SET
@@ -197,7 +197,7 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
     }
 
 
-def project_id(client: LabelStudioClient, title_or_id: str) -> int:
+def lookup_project_id(client: LabelStudioClient, title_or_id: str) -> int:
     """A project id from its title (or from a number)."""
     if title_or_id.isdigit():
         return int(title_or_id)
@@ -256,7 +256,7 @@ def project_status(
             {
                 "version": name,
                 "served": name == version,
-                "trained_through_set": card.training.get("trained_through_set"),
+                "trained_through_set": card.trained_through_set,
                 **{k: card.metrics[k] for k in sorted(card.metrics)},
             }
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from backend.jobs import SetState
-from backend.ops import status_table
+from backend.loop_state import SetState
+from backend.projects import status_table
 
 
 def state(number: int, **counts: int) -> SetState:

@@ -76,7 +76,7 @@ def label_uncertain(
 
 
 @dataclass(frozen=True)
-class SetOutcome:
+class SetCheck:
     """How one set was labelled, checked against the true failure types."""
 
     set_number: int
@@ -104,7 +104,7 @@ def set_outcome(
     truth: Mapping[int, str],
     labels: LabelConfig,
     auto_user: int,
-) -> SetOutcome:
+) -> SetCheck:
     """Count engineer and auto labels of a set and the auto labels that are wrong."""
     engineer = auto = errors = waiting = 0
     versions: set[str] = set()
@@ -124,7 +124,7 @@ def set_outcome(
         auto += 1
         if label_of(task, labels, auto_user) != truth.get(int(data.get("wafer_id", -1))):
             errors += 1
-    return SetOutcome(
+    return SetCheck(
         set_number=set_number,
         wafers=engineer + auto + waiting,
         engineer=engineer,

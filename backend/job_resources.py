@@ -12,15 +12,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 from redis import Redis
 from rq import get_current_job
 
 from backend.classifier import pick_device
-from backend.image_client import shared_image_client
-from backend.images import ImageRules, model_input
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import (
     FilterOperator,
@@ -38,7 +34,7 @@ from backend.wafer_store import WaferStore
 
 
 @dataclass
-class Workbench:
+class JobResources:
     """Everything a job touches, built once per job from the settings."""
 
     settings: Settings
@@ -55,7 +51,7 @@ class Workbench:
     @classmethod
     def open(
         cls, settings: Settings, redis: Redis, project: int, job_id: str | None = None
-    ) -> Workbench:
+    ) -> JobResources:
         """Connect to Label Studio and open the project's model store."""
         url, key = settings.require_label_studio()
         labels = parse_label_config(settings.label_config_path.read_text())
@@ -80,19 +76,6 @@ class Workbench:
     def close(self) -> None:
         self.client.close()
 
-    def fetch(self, size: int) -> Any:
-        """Task image value -> (size, size) die codes, with the Label Studio token; pictures
-        come only from Label Studio and WAFER_IMAGE_HOSTS, bounded by the WAFER_IMAGE_* limits
-        (the process's shared guarded client, as the backend's /predict)."""
-        return partial(
-            model_input,
-            client=shared_image_client(self.settings.label_studio_url, self.settings.image_hosts),
-            label_studio_url=self.settings.label_studio_url,
-            api_key=self.settings.label_studio_api_key,
-            size=size,
-            rules=ImageRules.from_settings(self.settings),
-        )
-
     @contextmanager
     def project_lock(self, project: int) -> Iterator[None]:
         """The project's lock, held by this job (see `backend.loop_keys.project_lock`)."""
@@ -109,17 +92,17 @@ def job_redis(settings: Settings) -> tuple[Redis, str | None]:
 
 
 @contextmanager
-def job_workbench(project: int) -> Iterator[Workbench]:
+def open_job_resources(project: int) -> Iterator[JobResources]:
     """The project's workbench in the running rq job (or, outside a job, on REDIS_URL), with the
     job's heartbeat kept alive while it is open; closed after."""
     settings = Settings.from_env(os.environ)
     redis, job_id = job_redis(settings)
     with job_heartbeat(redis, job_id):
-        bench = Workbench.open(settings, redis, project, job_id)
+        resources = JobResources.open(settings, redis, project, job_id)
         try:
-            yield bench
+            yield resources
         finally:
-            bench.close()
+            resources.close()
 
 
 def loop_position(client: LabelStudioClient, project: int) -> tuple[int | None, int | None]:

@@ -40,10 +40,8 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from backend import plots
 from backend.calibration import calibrate
 from backend.classifier import (
-    ModelCard,
     WaferClassifier,
     build_network,
     load_version,
@@ -51,10 +49,10 @@ from backend.classifier import (
     save_version,
 )
 from backend.encoding import encode_wafers
+from backend.files import atomic_text_writer, atomic_write_text, atomic_writer
 from backend.label_config import LabelConfig
-from backend.metrics import confusion_matrix, macro_f1
+from backend.model_card import ModelCard
 from backend.replay import RetrainPolicy, plan_retraining
-from backend.report import SetOutcome, markdown, summarize
 from backend.routing import STUDY_RULES, RoutingRule
 from backend.splits import (
     SetOrder,
@@ -64,6 +62,9 @@ from backend.splits import (
     stratified_train_val,
     study_split,
 )
+from backend.study import plots
+from backend.study.metrics import confusion_matrix, macro_f1
+from backend.study.report import SetOutcome, study_markdown, summarize
 from backend.training import (
     TrainConfig,
     TrainReport,
@@ -224,7 +225,7 @@ class Study:
                     "resume it with the same flags or pick another --out"
                 )
         else:
-            config_file.write_text(json.dumps(wanted, indent=2))
+            atomic_write_text(config_file, json.dumps(wanted, indent=2))
         self.write_manifests()
         start = time.perf_counter()
         self.codes = encode_wafers(self.wafers, self.config.image_size)
@@ -254,7 +255,7 @@ class Study:
     ) -> None:
         names = self.labels.failure_types
         w = self.wafers
-        with path.open("w", newline="") as handle:
+        with atomic_text_writer(path, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["source_row", "lot", "wafer_index", "failure_type", "set"])
             for i in members:
@@ -444,19 +445,17 @@ class Study:
         return self.out / "models" / loop / f"set{set_number}.pt"
 
     def _save_phase(self, path: Path, phase: Phase) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            probs=phase.probs,
-            engineer=phase.engineer,
-            threshold=np.float64(phase.threshold),
-            info=np.array(json.dumps(json_safe(phase.info))),
-            val_members=phase.val_members,
-            val_probs=phase.val_probs,
-            val_true=phase.val_true,
-        )
-        tmp.replace(path)
+        with atomic_writer(path) as handle:
+            np.savez(
+                handle,
+                probs=phase.probs,
+                engineer=phase.engineer,
+                threshold=np.float64(phase.threshold),
+                info=np.array(json.dumps(json_safe(phase.info))),
+                val_members=phase.val_members,
+                val_probs=phase.val_probs,
+                val_true=phase.val_true,
+            )
 
     @staticmethod
     def _load_phase(path: Path) -> Phase:
@@ -502,16 +501,14 @@ class Study:
             held_out=person_check,
         )
         save_version(trained.model, model_path)
-        held_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = held_out.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            val_members=trained.val_members,
-            val_probs=trained.val_probs,
-            val_true=trained.val_true,
-            info=np.array(json.dumps(json_safe(trained.info))),
-        )
-        tmp.replace(held_out)
+        with atomic_writer(held_out) as handle:
+            np.savez(
+                handle,
+                val_members=trained.val_members,
+                val_probs=trained.val_probs,
+                val_true=trained.val_true,
+                info=np.array(json.dumps(json_safe(trained.info))),
+            )
         return trained
 
     def run(self) -> dict[str, Any]:
@@ -530,8 +527,8 @@ class Study:
         if not reject_path.exists():
             rest = self.codes[self.split.rest()]
             probs = initial.model.predict_proba(rest, progress="reject option")
-            np.savez(reject_path.with_suffix(".tmp.npz"), probs=probs)
-            reject_path.with_suffix(".tmp.npz").replace(reject_path)
+            with atomic_writer(reject_path) as handle:
+                np.savez(handle, probs=probs)
         with np.load(reject_path) as data:
             reject_probs = data["probs"]
         self.timings["study_seconds"] = time.perf_counter() - start
@@ -618,7 +615,7 @@ class Study:
                 if c.retrain in ("warm", "bounded"):
                     save_version(model, latest)
                 if loop == "calibrated":
-                    # kept for routing studies after the run (backend.routing_study)
+                    # kept for routing studies after the run (backend.study.routing_study)
                     save_version(model, self.phase_model_path(loop, k))
                 self._save_phase(path, phase)
             done.append(phase)
@@ -729,8 +726,8 @@ class Study:
             },
             "methods": methods,
         }
-        (self.out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
-        (self.out / "results.md").write_text(markdown(methods, lc.failure_types))
+        atomic_write_text(self.out / "results.json", json.dumps(json_safe(results), indent=2))
+        atomic_write_text(self.out / "results.md", study_markdown(methods, lc.failure_types))
         plots.accuracy_vs_engineer_ratio(methods, self.out / "accuracy_vs_engineer_ratio.png")
         plots.engineer_labels_per_set(methods, self.out / "engineer_labels_per_set.png")
         plots.auto_label_confusion(
@@ -760,12 +757,3 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
-
-
-def torch_threads() -> int:
-    """Use every core the process may run on."""
-    import os
-
-    n = len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    return n

@@ -1,6 +1,6 @@
 """Speed of `import-wafers` against a running Label Studio (prints numbers; not a test).
 
-    LABEL_STUDIO_URL=... LABEL_STUDIO_API_KEY=... .venv/bin/python scripts/bench_import.py \
+    LABEL_STUDIO_URL=... LABEL_STUDIO_API_KEY=... .venv/bin/python -m backend.harness.import_bench \
         [--history 2000] [--new 5000] [--per-set 2500]
 
 Creates a project, imports `--history` labelled WM-811K wafers as set 0, then `--new` labelled
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
 from backend.labelstudio import IMPORT_CHUNK, LabelStudioClient

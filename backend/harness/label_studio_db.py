@@ -34,6 +34,8 @@ from typing import Literal
 import psycopg
 from psycopg import sql
 
+from backend.files import atomic_write_text
+
 #: The admin connection tried by "auto": the `postgres` superuser on loopback (trust or
 #: password-less setups, e.g. the project machines and `docker run -e POSTGRES_HOST_AUTH_METHOD=trust`).
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -154,8 +156,7 @@ def choose_database(
             "and databases"
         ) from exc
     data_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(asdict(database)))
-    saved.chmod(0o600)
+    atomic_write_text(saved, json.dumps(asdict(database)), mode=0o600)
     return database
 
 

@@ -1,13 +1,13 @@
 """Screenshots of the engineer's two screens in Label Studio, as a person's browser shows them.
 
-Layer L3 (an entry point). A headless Chromium (backend.browser; Debian's `chromium` package)
+Layer L3 (an entry point). A headless Chromium (backend.harness.browser; Debian's `chromium` package)
 logs in to Label Studio with an e-mail and password, opens the project's engineer queue tab
 and then its labeling stream (what "Label All Tasks" opens: the most uncertain wafer first), and
 saves each as a PNG of the window size (1600x1000 by default). It also reads back what a person
 would check by eye: the column headers in the order the tab shows them, and where the picture
 and the failure-type choices sit in the window.
 
-    python -m backend.screenshots --logins runs/demo/logins.json --project "Wafer maps" --out shots
+    python -m backend.harness.screenshots --logins runs/demo/logins.json --project "Wafer maps" --out shots
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from backend.browser import Box, BrowserError, HeadlessChromium
-from backend.ops import ENGINEER_VIEW
+from backend.harness.browser import Box, BrowserError, HeadlessChromium
+from backend.projects import ENGINEER_VIEW
 
 QUEUE_PNG = "engineer-queue.png"
 LABELING_PNG = "labeling-screen.png"
@@ -194,7 +194,7 @@ def _view_id(page: HeadlessChromium, project: int, tab: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m backend.screenshots",
+        prog="python -m backend.harness.screenshots",
         description="Screenshot the engineer queue tab and the labeling screen in Label Studio "
         "with a headless Chromium (Debian: apt-get install chromium).",
     )

@@ -34,24 +34,25 @@ import psycopg
 from redis import Redis
 
 from backend.classifier import pick_device
+from backend.files import atomic_write_text
 from backend.first_model import history_from_wafers, train_first_model
+from backend.harness.label_studio_db import LabelStudioDatabase
+from backend.harness.stack import running_label_studio
+from backend.job_resources import JobResources
 from backend.label_config import parse_label_config
-from backend.label_studio_db import LabelStudioDatabase
 from backend.labelstudio import LabelStudioClient
 from backend.loop_state import label_of
 from backend.model_store import ModelStore
-from backend.ops import ENGINEER_VIEW, make_views, set_counts
 from backend.preannotation import preannotate_set
+from backend.projects import ENGINEER_VIEW, make_views, set_counts
 from backend.retraining import training_examples
-from backend.settings import Settings
-from backend.sources import DEFAULT_DATA, load_wafers
+from backend.settings import DEFAULT_DATA, Settings
+from backend.sources import load_wafers
 from backend.splits import stratified_sample
-from backend.stack import running_label_studio
 from backend.training import TrainConfig
 from backend.wafer_sets import WM811K_SOURCE, PictureFiles, import_wafers
 from backend.wafer_store import WaferStore
 from backend.wafers import WaferMaps
-from backend.workbench import Workbench
 
 #: The issue's target for opening a set of 17,295 wafers.
 OPEN_TARGET_SECONDS = 180.0
@@ -235,7 +236,7 @@ def run_bench_loop(config: LoopBenchConfig, settings: Settings) -> dict[str, Any
         print(f"first model: {figures['first model']}", flush=True)
 
         redis = Redis.from_url(settings.redis_url)
-        bench = Workbench(
+        bench = JobResources(
             settings=dataclasses.replace(settings, model_dir=model_dir),
             labels=labels,
             client=client,
@@ -301,7 +302,7 @@ def run_bench_loop(config: LoopBenchConfig, settings: Settings) -> dict[str, Any
             )
         client.close()
         redis.close()
-    (out / "bench-loop.json").write_text(json.dumps(figures, indent=1, default=str))
+    atomic_write_text(out / "bench-loop.json", json.dumps(figures, indent=1, default=str))
     return figures
 
 

@@ -26,14 +26,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from backend.classifier import ModelCard, WaferClassifier, build_network
+from backend.classifier import WaferClassifier, build_network
 from backend.encoding import render_picture
+from backend.harness.stack import free_port, running_backend
 from backend.images import data_url, png_bytes
 from backend.label_config import LabelConfig
+from backend.model_card import ModelCard
 from backend.model_store import ModelStore
-from backend.stack import free_port, running_backend
 
-PROJECT = 1
+LOAD_TEST_PROJECT = 1
 VERSION = "v001-loadtest"
 
 
@@ -105,11 +106,11 @@ def _publish(model_dir: Path, labels: LabelConfig, image_size: int) -> None:
         image_size=image_size,
         backbone="resnet18",
         logit_adjustment=(0.0,) * n,
-        training={"trained_through_set": 0},
+        trained_through_set=0,
         metrics={"route_threshold": 0.5},
     )
     network = build_network("resnet18", n, seed=0)
-    store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
+    store = ModelStore.for_project(model_dir, LOAD_TEST_PROJECT, torch.device("cpu"))
     store.publish(WaferClassifier(network=network, card=card, device=torch.device("cpu")))
 
 
@@ -143,9 +144,13 @@ def run_load_test(plan: LoadPlan, labels: LabelConfig) -> LoadResult:
         log_path = work / "backend.log"
         with running_backend(env, free_port(), log_path) as url:
             body = {
-                "project": f"{PROJECT}.1700000000",
+                "project": f"{LOAD_TEST_PROJECT}.1700000000",
                 "tasks": [
-                    {"id": i, "project": PROJECT, "data": {"image": pictures[i % len(pictures)]}}
+                    {
+                        "id": i,
+                        "project": LOAD_TEST_PROJECT,
+                        "data": {"image": pictures[i % len(pictures)]},
+                    }
                     for i in range(plan.batch)
                 ],
             }

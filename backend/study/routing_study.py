@@ -4,7 +4,7 @@ Layer L2. `python -m backend routing-study DIR` re-reads a finished (or partly f
 in DIR: for each set k, the model that predicted it (``models/calibrated/set<k>.pt``) and the
 held-out wafers its routing was calibrated on (``phases/calibrated/set<k>.npz``). It predicts both
 in all 8 symmetric drawings once (``DIR/routing-study/evidence-set<k>.npz``, so a rerun is
-quick), then routes every set with every method of `backend.routing_methods` at the promised
+quick), then routes every set with every method of `backend.study.routing_methods` at the promised
 accuracy and writes ``results.json``, ``results.md`` and ``accuracy_vs_engineer_ratio.png`` to
 ``DIR/routing-study/``. The reject option (the initial model alone on every later wafer) is
 scored the same way.
@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backend import plots
 from backend.classifier import load_version
-from backend.metrics import confusion_matrix, macro_f1
-from backend.report import STUDY_REFERENCE, SetOutcome, summarize
-from backend.routing_methods import (
+from backend.files import atomic_write_text, atomic_writer
+from backend.study import plots
+from backend.study.metrics import confusion_matrix, macro_f1
+from backend.study.report import STUDY_REFERENCE, SetOutcome, summarize
+from backend.study.routing_methods import (
     METHODS,
     NEEDS_VIEWS,
     Evidence,
@@ -37,8 +38,8 @@ from backend.routing_methods import (
     engineer_share_for,
     route_at_target,
 )
-from backend.study import Study, json_safe
-from backend.temperature import expected_calibration_error, fit_temperature, softmax
+from backend.study.simulate import Study, json_safe
+from backend.study.temperature import expected_calibration_error, fit_temperature, softmax
 
 #: The study's best published labeling accuracy; the issue's bar is half its engineer ratio there.
 STUDY_BEST_ACCURACY = 0.9957
@@ -130,10 +131,10 @@ def collect_evidence(
             f"({wanted * (len(members) + len(val_members)) / seconds:,.0f} drawings/s)"
         )
         e = Evidence(logits, study.true[members], val_logits, val_true.astype(np.int64))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, logits=e.logits, true=e.true, val_logits=e.val_logits, val_true=e.val_true)
-        tmp.replace(path)
+        with atomic_writer(path) as handle:
+            np.savez(
+                handle, logits=e.logits, true=e.true, val_logits=e.val_logits, val_true=e.val_true
+            )
         out[name] = e
     return out
 
@@ -222,7 +223,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def markdown(results: dict[str, Any], target: float) -> str:
+def routing_markdown(results: dict[str, Any], target: float) -> str:
     lines = [
         f"Routing methods at a promised {100 * target:g}% labeling accuracy "
         f"(cut calibrated per set at {100 * results['confidence']:g}% confidence on the "
@@ -295,7 +296,7 @@ def run_routing_study(
     }
     out = study.out / "routing-study" / hold_out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(json_safe(results), indent=2))
-    (out / "results.md").write_text(markdown(results, target))
+    atomic_write_text(out / "results.json", json.dumps(json_safe(results), indent=2))
+    atomic_write_text(out / "results.md", routing_markdown(results, target))
     plots.routing_curves(results["methods"], out / "accuracy_vs_engineer_ratio.png")
     return results

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backend.metrics import confusion_matrix, macro_f1, per_class_recall
+from backend.study.metrics import confusion_matrix, macro_f1, per_class_recall
 
 #: The study's published results over its 155,655 wafers (seed-method.md), for reference.
 STUDY_REFERENCE: tuple[dict[str, Any], ...] = (
@@ -93,7 +93,7 @@ def _pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.2f}%"
 
 
-def markdown(methods: Sequence[dict[str, Any]], failure_types: Sequence[str]) -> str:
+def study_markdown(methods: Sequence[dict[str, Any]], failure_types: Sequence[str]) -> str:
     """results.md: the totals table, engineer labels per set, and per-class recall."""
     lines = [
         "| method | rule | wafers | engineer labels | engineer ratio | errors | labeling accuracy"

@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from backend.report import STUDY_REFERENCE
+from backend.study.report import STUDY_REFERENCE
 
 #: Marker per kind of method: the study's measures, ours, and the baselines.
 FAMILY_MARKERS = {"study measure": "o", "ours": "*", "baseline": "s"}

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import websocket
 
-from backend.processes import stop_process
+from backend.files import atomic_write_bytes
+from backend.harness.processes import stop_process
 
 #: Executable names tried in this order when none is given.
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -223,7 +224,7 @@ class HeadlessChromium:
         """Save what the viewport shows as a PNG of `width` x `height` pixels."""
         answer = self.send("Page.captureScreenshot", {"format": "png", "fromSurface": True})
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(answer["data"]))
+        atomic_write_bytes(path, base64.b64decode(answer["data"]))
         return path
 
 

@@ -62,7 +62,6 @@ from torchvision import models
 
 from backend.app import create_app
 from backend.classifier import (
-    ModelCard,
     WaferClassifier,
     autocast,
     batches,
@@ -79,11 +78,13 @@ from backend.encoding import (
     render_picture,
     resize_nearest,
 )
+from backend.files import atomic_write_text
 from backend.images import data_url, model_input, png_bytes
 from backend.label_config import LabelConfig
+from backend.model_card import ModelCard
 from backend.model_store import ModelStore
 from backend.service import WaferLabelingService
-from backend.settings import Settings
+from backend.settings import REPO_ROOT, Settings
 from backend.sources.cache import cache_file_for
 from backend.training import TrainConfig, recalibrate_batch_norm, train_network
 from backend.wafer_sets import wafer_task
@@ -92,7 +93,7 @@ from backend.wafers import WaferMaps
 #: The issue's targets for the ratios that have one.
 TARGETS = {"predict_http_vs_raw": 0.80, "train_engine_vs_plain": 0.85}
 #: The Label Studio project the benchmark's model is published for.
-PROJECT = 1
+BENCH_PROJECT = 1
 STUDY_BACKBONE = "resnet50"
 #: What /predict is sent through (printed and written with the figures).
 HTTP_SERVER = "Flask test client (in process, no sockets)"
@@ -248,7 +249,7 @@ def engine_classifier(
         image_size=size,
         backbone=backbone,
         logit_adjustment=(0.0,) * n,
-        training={"trained_through_set": 0},
+        trained_through_set=0,
         metrics={"route_threshold": 0.5},
     )
     network = build_network(backbone, n, seed).to(device).to(memory_format=torch.channels_last)
@@ -272,7 +273,7 @@ def label_studio_tasks(
         task = wafer_task(wafers, i, 1, labels, with_label=False, source=source)
         task.update(
             id=first_id + i,
-            project=PROJECT,
+            project=BENCH_PROJECT,
             meta={},
             created_at="2026-12-01T00:00:00.000000Z",
             updated_at="2026-12-01T00:00:00.000000Z",
@@ -299,7 +300,7 @@ def predict_bodies(
         json.dumps(
             {
                 "tasks": list(tasks[part]),
-                "project": f"{PROJECT}.1764547200",
+                "project": f"{BENCH_PROJECT}.1764547200",
                 "label_config": label_config_xml,
                 "params": {"login": None, "password": None, "context": None},
             }
@@ -320,9 +321,9 @@ def quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
 
 
 def predict_app(settings: Settings, classifier: WaferClassifier, model_dir: Path) -> FlaskClient:
-    """A test client of the real app and service, `classifier` published for PROJECT in
+    """A test client of the real app and service, `classifier` published for BENCH_PROJECT in
     `model_dir` (empty) and served."""
-    ModelStore.for_project(model_dir, PROJECT, classifier.device).publish(classifier)
+    ModelStore.for_project(model_dir, BENCH_PROJECT, classifier.device).publish(classifier)
     service_settings = replace(
         settings,
         model_dir=model_dir,
@@ -495,7 +496,7 @@ def cache_figures(settings: Settings, classes: Sequence[str]) -> dict[str, Any]:
         capture_output=True,
         text=True,
         check=False,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=REPO_ROOT,
         timeout=600,
     )
     if done.returncode != 0:
@@ -845,4 +846,4 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")

@@ -17,10 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from backend.calibration import calibrate_scores
-from backend.class_errors import cross_fitted_errors
-from backend.novelty import energy, novelty_cut
-from backend.symmetric_views import summarize_views, view_uncertainty
-from backend.temperature import fit_temperature, softmax
+from backend.study.error_curves import cross_fitted_errors
+from backend.study.novelty import energy, novelty_cut
+from backend.study.symmetric_views import summarize_views, view_uncertainty
+from backend.study.temperature import fit_temperature, softmax
 from backend.uncertainty import Measure, uncertainty
 
 
@@ -86,7 +86,7 @@ def per_type(
     base: Callable[[Evidence, np.random.Generator], Scored],
 ) -> Callable[[Evidence, np.random.Generator], Scored]:
     """``base``'s score turned into an error probability per predicted failure type
-    (`backend.class_errors`), cross-fitted on the held-out wafers."""
+    (`backend.study.error_curves`), cross-fitted on the held-out wafers."""
 
     def score(e: Evidence, rng: np.random.Generator) -> Scored:
         b = base(e, rng)
@@ -101,7 +101,7 @@ def per_type(
 def with_novelty(
     base: Callable[[Evidence, np.random.Generator], Scored],
 ) -> Callable[[Evidence, np.random.Generator], Scored]:
-    """``base``, but a wafer whose energy (`backend.novelty`) is above the held-out wafers'
+    """``base``, but a wafer whose energy (`backend.study.novelty`) is above the held-out wafers'
     99.5th percentile scores above every other wafer, so it goes to an engineer first."""
 
     def score(e: Evidence, rng: np.random.Generator) -> Scored:

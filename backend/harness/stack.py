@@ -41,16 +41,17 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
-from backend.label_studio_db import (
+from backend.files import atomic_write_text
+from backend.harness.label_studio_db import (
     DatabaseError,
     LabelStudioDatabase,
     choose_database,
     drop_database,
 )
-from backend.processes import stop_process
+from backend.harness.processes import stop_process
+from backend.settings import REPO_ROOT
 
 #: The checkout: `_wsgi.py` and the `backend` package live here.
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CREDENTIALS_FILE = "test-credentials.json"
 LOG_FILE = "label-studio.log"
 REDIS_LOG_FILE = "redis.log"
@@ -117,7 +118,7 @@ def venv_bin(name: str) -> Path:
     if not exe.is_file():
         raise StackError(
             f"no {name} executable beside {sys.executable}; run scripts/install "
-            "(it installs requirements.txt into .venv)"
+            "(it installs requirements-dev.txt into .venv)"
         )
     return exe
 
@@ -239,8 +240,7 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
         email=ADMIN_EMAIL, password=secrets.token_urlsafe(16), token=secrets.token_hex(20)
     )
     data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(creds.__dict__))
-    path.chmod(0o600)
+    atomic_write_text(path, json.dumps(creds.__dict__), mode=0o600)
     return creds
 
 
@@ -312,7 +312,7 @@ def running_label_studio(
     credentials; Label Studio creates the admin only on the first start of a database, so an
     `admin` passed for a reused data dir must be the one it was first started with. Local files
     are served from `<data_dir>/files`; the log is `<data_dir>/label-studio.log`.
-    `database` picks its database (backend.label_studio_db.choose_database: "auto" runs it on
+    `database` picks its database (backend.harness.label_studio_db.choose_database: "auto" runs it on
     the PostgreSQL that answers at `postgres_admin_url`, default 127.0.0.1:5432, else SQLite;
     "sqlite"; "postgresql"; or an admin URL); the choice is kept in the data dir, and
     `server.database.describe()` says which. `drop_database_on_exit` removes a PostgreSQL
@@ -696,12 +696,14 @@ def with_redis(url: str, command: Sequence[str], data_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m backend.stack with-redis URL -- COMMAND...` (used by scripts/test).
+    # `python -m backend.harness.stack with-redis URL -- COMMAND...` (used by scripts/test).
     import tempfile
 
     args = sys.argv[1:]
     if len(args) < 4 or args[0] != "with-redis" or args[2] != "--":
-        print("usage: python -m backend.stack with-redis URL -- COMMAND...", file=sys.stderr)
+        print(
+            "usage: python -m backend.harness.stack with-redis URL -- COMMAND...", file=sys.stderr
+        )
         raise SystemExit(2)
     with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
         raise SystemExit(with_redis(args[1], args[3:], Path(tmp)))

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from backend.classifier import ModelCard, WaferClassifier, build_network, pick_device
+from backend.classifier import WaferClassifier, build_network, pick_device
 from backend.encoding import encode_wafers
 from backend.label_config import LabelConfig
-from backend.metrics import confusion_matrix, macro_f1
+from backend.model_card import ModelCard
 from backend.splits import stratified_sample, stratified_train_val
+from backend.study.metrics import confusion_matrix, macro_f1
 from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.wafers import WaferMaps
 

@@ -30,17 +30,15 @@ import numpy as np
 from redis import Redis
 
 from backend.classifier import pick_device
-from backend.engineers import SetOutcome, label_uncertain, set_outcome, wait_until_idle
+from backend.files import atomic_write_text
 from backend.first_model import cached_first_model, history_from_wafers
-from backend.jobs import QUEUES, WORKER_CLASS
-from backend.label_config import LabelConfig
-from backend.labelstudio import LabelStudioClient
-from backend.loop_keys import request_advance
-from backend.model_store import ModelStore
-from backend.ops import ENGINEER_VIEW, wire_project
-from backend.settings import Settings
-from backend.splits import StudySplit, stratified_sample
-from backend.stack import (
+from backend.harness.simulated_engineers import (
+    SetCheck,
+    label_uncertain,
+    set_outcome,
+    wait_until_idle,
+)
+from backend.harness.stack import (
     Credentials,
     create_user,
     free_port,
@@ -50,6 +48,14 @@ from backend.stack import (
     running_worker,
     wait_for_worker,
 )
+from backend.jobs import WORKER_CLASS
+from backend.label_config import LabelConfig
+from backend.labelstudio import LabelStudioClient
+from backend.loop_keys import QUEUES, request_advance
+from backend.model_store import ModelStore
+from backend.projects import ENGINEER_VIEW, wire_project
+from backend.settings import Settings
+from backend.splits import StudySplit, stratified_sample
 from backend.training import TrainConfig
 from backend.wafer_sets import (
     INITIAL_SET,
@@ -78,7 +84,7 @@ class DemoConfig:
     simulate_engineers: bool
     set_timeout_s: float = 3600.0
     #: Label Studio's database: auto (PostgreSQL on 127.0.0.1:5432 when it answers), sqlite,
-    #: postgresql, or an admin URL (backend.label_studio_db).
+    #: postgresql, or an admin URL (backend.harness.label_studio_db).
     database: str = "auto"
     #: The labelled history the first model is trained on, offline (the study's initial 10%:
     #: 17,295 wafers); 0 keeps the old way (the worker trains on a subsample's set 0).
@@ -90,7 +96,7 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class SetRow:
-    outcome: SetOutcome
+    outcome: SetCheck
     engineer_seconds: float  # labelling the uncertain wafers through the SDK
     next_set_seconds: float  # last label -> next set pre-annotated and accepted
 
@@ -268,10 +274,11 @@ def run_demo(
             publish_first_model(config, settings, labels, plan, wiring.project, say)
             start_worker()
             request_advance(redis, wiring.project)
-        (out / "logins.json").write_text(
-            json.dumps({"url": ls.url, "admin": ls.admin.__dict__, "engineer": engineer.__dict__})
+        atomic_write_text(
+            out / "logins.json",
+            json.dumps({"url": ls.url, "admin": ls.admin.__dict__, "engineer": engineer.__dict__}),
+            mode=0o600,
         )
-        (out / "logins.json").chmod(0o600)
         if not config.simulate_engineers:
             say("the loop runs; press Ctrl-C to stop everything")
             while True:
@@ -302,8 +309,8 @@ def run_demo(
                     f"{outcome.model_version}; next set ready {next_seconds:.1f} s after the "
                     "last engineer label"
                 )
-        (out / "results.json").write_text(json.dumps([_row_json(r) for r in rows], indent=2))
-        (out / "results.md").write_text(results_table(rows))
+        atomic_write_text(out / "results.json", json.dumps([_row_json(r) for r in rows], indent=2))
+        atomic_write_text(out / "results.md", results_table(rows))
     return rows
 
 

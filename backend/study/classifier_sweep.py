@@ -1,6 +1,6 @@
 """Which classifier settings buy accuracy per CPU-second, on the study's initial 10% (prints a table).
 
-    nice -n 19 .venv/bin/python scripts/classifier_sweep.py --out runs/sweep.json \
+    nice -n 19 .venv/bin/python -m backend.study.classifier_sweep --out runs/sweep.json \
         [--only r18-32-e10 r18-48-e6 ...] [--list] [--threads 2] [--test-wafers 17295]
 
 Every configuration trains on the training part of the study's initial set (the first phase of
@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend.classifier import (
-    ModelCard,
-    WaferClassifier,
-    build_network,
-    pick_device,
-    save_version,
-)
+from backend.classifier import WaferClassifier, build_network, pick_device, save_version
 from backend.encoding import encode_wafers
+from backend.files import atomic_write_text
 from backend.label_config import DEFAULT_LABEL_CONFIG, parse_label_config
-from backend.metrics import confusion_matrix, macro_f1
+from backend.model_card import ModelCard
 from backend.settings import Settings
 from backend.sources import load_wafers
-from backend.study import Study, StudyConfig
+from backend.study.metrics import confusion_matrix, macro_f1
+from backend.study.simulate import Study, StudyConfig
 from backend.training import TrainConfig, logit_adjustment, train_network
 
 
@@ -290,7 +283,7 @@ def main() -> int:
             by_name[name], study, train, val, test, args.seed, args.tta, args.save_models
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
         print(row(results[name]), flush=True)
     return 0
 
