@@ -98,10 +98,12 @@ def backend_imports(path: Path) -> list[tuple[str, bool, int]]:
             nested |= {id(n) for n in ast.walk(node) if n is not node}
     found = []
     for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif node.module and node.level == 0:
             names = [node.module]
             if node.module == "backend" or node.module.endswith((".study", ".harness")):
                 names += [f"{node.module}.{alias.name}" for alias in node.names]
