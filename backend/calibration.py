@@ -205,3 +205,177 @@ def calibrate(
         validation_auto_errors=cut.validation_auto_errors,
         feasible=cut.feasible,
     )
+
+
+# ---- a promise per set, with a stated confidence -----------------------------------------------
+#
+# `calibrate_scores` bounds the EXPECTED auto-label error at each threshold (a Wilson bound per
+# threshold, the search over thresholds uncorrected). A set of N wafers then scatters around that:
+# with 2,000 wafers and ~10 expected errors, by about +-3 errors, so a set can come out below the
+# target although the bound held. `promise_cut` makes the promise about the set itself:
+#
+#     P(the set's labeling accuracy >= target) >= confidence
+#
+# The set may hold E = floor((1 - target) * N) wrong auto labels. The failure probability
+# delta = 1 - confidence is split in two:
+# - delta_estimate: the true error rate p(t) among wafers auto-labelled at threshold t is at most
+#   the exact one-sided (Clopper-Pearson) upper bound of the held-out wafers' errors at t;
+# - delta_scatter: given p(t), the set's own errors X ~ Binomial(n_auto(t), p(t)) stay <= E.
+# A threshold t is accepted when the first bound is <= the largest p for which
+# P(Binomial(n_auto(t), p) <= E) >= 1 - delta_scatter. Thresholds are tested in a fixed order,
+# from the most cautious (fewest auto labels) up, and the search stops at the first one that is
+# not accepted (fixed-sequence testing, as in Learn-then-Test: no correction for the number of
+# thresholds is needed because the order does not depend on the held-out labels). By the union
+# bound the set misses the target with probability at most delta_estimate + delta_scatter.
+# The held-out wafers and the set are assumed to come from the same process; production audits
+# check that assumption.
+
+#: Candidate thresholds tested per set (quantiles of the set's own scores).
+PROMISE_GRID = 256
+
+
+def allowed_errors(set_size: int, target_accuracy: float) -> int:
+    """How many wrong labels a set of `set_size` wafers may hold at `target_accuracy`."""
+    return math.floor((1.0 - target_accuracy) * set_size + 1e-9)
+
+
+def _log_factorials(n: int) -> npt.NDArray[np.float64]:
+    return np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))))
+
+
+def _binomial_cdf(
+    k: npt.NDArray[np.int64],
+    n: npt.NDArray[np.int64],
+    p: npt.NDArray[np.float64],
+    log_fact: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """P(Binomial(n, p) <= k), element-wise (exact sums of the pmf in log space)."""
+    i = np.arange(int(k.max(initial=0)) + 1)[:, None]
+    inside = i <= np.minimum(k, n)[None, :]
+    p_safe = np.clip(p, 1e-300, 1.0 - 1e-16)[None, :]
+    m = np.where(inside, i, 0)
+    log_pmf = (
+        log_fact[n][None, :]
+        - log_fact[m]
+        - log_fact[np.maximum(n[None, :] - m, 0)]
+        + m * np.log(p_safe)
+        + (n[None, :] - m) * np.log1p(-p_safe)
+    )
+    cdf = np.where(inside, np.exp(log_pmf), 0.0).sum(axis=0)
+    return np.asarray(np.where(k >= n, 1.0, np.minimum(cdf, 1.0)), dtype=np.float64)
+
+
+def largest_rate(
+    k: npt.ArrayLike, n: npt.ArrayLike, probability: float, iterations: int = 60
+) -> npt.NDArray[np.float64]:
+    """The largest p with P(Binomial(n, p) <= k) >= `probability`, element-wise.
+
+    With `probability` = alpha it is the exact one-sided (Clopper-Pearson) upper confidence
+    bound, at confidence 1 - alpha, on an error rate seen as k errors in n; with `probability`
+    = 1 - alpha it is the highest error rate at which n wafers keep at most k errors with
+    probability 1 - alpha. k >= n gives 1.0 (any rate). Bisection, vectorised.
+    """
+    k_arr = np.asarray(k, dtype=np.int64).ravel()
+    n_arr = np.asarray(n, dtype=np.int64).ravel()
+    if k_arr.shape != n_arr.shape or (k_arr < 0).any() or (n_arr < 0).any():
+        raise ValueError("k and n must be non-negative and of one shape")
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be in (0, 1), got {probability!r}")
+    log_fact = _log_factorials(int(n_arr.max(initial=0)))
+    low: npt.NDArray[np.float64] = np.zeros(k_arr.shape, dtype=np.float64)
+    high: npt.NDArray[np.float64] = np.ones(k_arr.shape, dtype=np.float64)
+    for _ in range(iterations):
+        mid = (low + high) / 2.0
+        ok = _binomial_cdf(k_arr, n_arr, mid, log_fact) >= probability
+        low = np.asarray(np.where(ok, mid, low), dtype=np.float64)
+        high = np.asarray(np.where(ok, high, mid), dtype=np.float64)
+    return np.asarray(np.where(k_arr >= n_arr, 1.0, low), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class PromiseCut:
+    """A cut that keeps a set's labeling accuracy at or above ``target_accuracy`` with
+    probability at least ``confidence``: wafers with score > ``threshold`` go to engineers
+    (``-inf``: all of them). ``error_rate_bound`` is the upper bound on the auto-label error
+    rate at the cut, ``allowed_errors`` how many wrong labels the set may hold."""
+
+    threshold: float
+    target_accuracy: float
+    confidence: float
+    set_wafers: int
+    auto_wafers: int
+    allowed_errors: int
+    error_rate_bound: float
+    validation_wafers_below: int
+    validation_errors_below: int
+
+    @property
+    def engineer_ratio(self) -> float:
+        return 1.0 - self.auto_wafers / self.set_wafers if self.set_wafers else 1.0
+
+    def needs_engineer(self, scores: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.asarray(scores, dtype=np.float64) > self.threshold, dtype=np.bool_)
+
+
+def promise_cut(
+    val_scores: npt.ArrayLike,
+    val_correct: npt.ArrayLike,
+    set_scores: npt.ArrayLike,
+    target_accuracy: float,
+    confidence: float = 0.95,
+    estimate_share: float = 0.5,
+    grid: int = PROMISE_GRID,
+) -> PromiseCut:
+    """The cut on a score (higher = more likely wrong) that auto-labels the most wafers of the
+    set with scores `set_scores` while its labeling accuracy stays at or above
+    `target_accuracy` with probability at least `confidence` (see the comment above:
+    Clopper-Pearson bounds, binomial scatter of the set, fixed-sequence testing).
+    `estimate_share` of the failure probability goes to the estimate, the rest to the scatter.
+    """
+    if isinstance(target_accuracy, bool) or not 0.0 < float(target_accuracy) < 1.0:
+        raise ValueError(f"target_accuracy must be in (0, 1), got {target_accuracy!r}")
+    if isinstance(confidence, bool) or not 0.5 <= float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence!r}")
+    if not 0.0 < estimate_share < 1.0:
+        raise ValueError(f"estimate_share must be in (0, 1), got {estimate_share!r}")
+    scores = _scores(val_scores, "val_scores")
+    correct = _correct(val_correct, scores.size)
+    new = np.sort(_scores(set_scores, "set_scores"))
+    n_set = int(new.size)
+    allowed = allowed_errors(n_set, float(target_accuracy))
+    nothing = PromiseCut(
+        -math.inf, float(target_accuracy), float(confidence), n_set, 0, allowed, 0.0, 0, 0
+    )
+    if n_set == 0:
+        return nothing
+    delta = 1.0 - float(confidence)
+    delta_estimate, delta_scatter = delta * estimate_share, delta * (1.0 - estimate_share)
+    # Candidates in a fixed order, from the most cautious up: quantiles of the set's own scores
+    # (independent of the held-out labels), distinct, each auto-labelling more wafers.
+    picks = np.unique(np.linspace(0, n_set - 1, num=min(grid, n_set)).round().astype(np.int64))
+    thresholds = np.unique(new[picks])
+    n_auto = np.searchsorted(new, thresholds, side="right").astype(np.int64)
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    cum_errors = np.concatenate(([0], np.cumsum(~correct[order], dtype=np.int64)))
+    m_below = np.searchsorted(ordered, thresholds, side="right").astype(np.int64)
+    e_below = cum_errors[m_below]
+    bound = largest_rate(e_below, m_below, delta_estimate)
+    bound = np.where(m_below == 0, 1.0, bound)
+    tolerable = largest_rate(np.full(n_auto.shape, allowed), n_auto, 1.0 - delta_scatter)
+    kept = bound <= tolerable
+    failed = np.flatnonzero(~kept)
+    last = (failed[0] if failed.size else kept.size) - 1
+    if last < 0:
+        return nothing
+    return PromiseCut(
+        threshold=float(thresholds[last]),
+        target_accuracy=float(target_accuracy),
+        confidence=float(confidence),
+        set_wafers=n_set,
+        auto_wafers=int(n_auto[last]),
+        allowed_errors=allowed,
+        error_rate_bound=float(bound[last]),
+        validation_wafers_below=int(m_below[last]),
+        validation_errors_below=int(e_below[last]),
+    )
