@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 
@@ -13,15 +12,15 @@ import numpy as np
 import numpy.typing as npt
 from redis import Redis
 
-from backend.classifier import pick_device
+from backend.classifier import WaferClassifier, pick_device
 from backend.first_model import (
+    History,
     history_from_tasks,
     history_from_wafers,
-    set0_task_ids,
     train_first_model,
 )
 from backend.image_client import image_client
-from backend.images import ImageRules, model_input
+from backend.images import picture_reader
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.loop_keys import request_advance
@@ -186,62 +185,53 @@ def import_wafer_file(
 
 
 def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    """`train`: a first model on labelled history, published for the project and served."""
-    url, key = settings.require_label_studio()
+    """`train`: a first model on labelled history, published for the project and served.
+
+    With `--data` and a project id (a number) it needs no Label Studio: the hold-out is keyed by
+    each wafer's own identity, so a first model can be trained where Label Studio is out of
+    reach (a GPU box, a build job) and published into MODEL_DIR there or copied. A project
+    title, or `--from-project`, asks Label Studio."""
     device = pick_device(settings.device)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    with LabelStudioClient.connect(url, key) as client:
-        project = lookup_project_id(client, args.project)
-        size = settings.image_size
-        if args.from_project:
-            tasks = client.tasks_of_set(project, INITIAL_SET)
-            with image_client(url, settings.image_hosts) as http:
-                fetch = functools.partial(
-                    model_input,
-                    client=http,
-                    label_studio_url=url,
-                    api_key=key,
-                    size=size,
-                    rules=ImageRules.from_settings(settings),
-                )
-                history = history_from_tasks(
-                    tasks,
-                    labels,
-                    client.current_user_id(),
-                    fetch,
-                    size,
-                    origin=f"project {project} set {INITIAL_SET}",
-                )
-        else:
-            source = source_name(settings.data_path, args.source)
-            task_ids = set0_task_ids(client, project, source)
-            wafers, report = load_wafers(
-                settings.data_path, labels.failure_types, settings.cache_dir
-            )
-            _say(report.summary())
-            history = history_from_wafers(
-                wafers,
-                size,
-                subsample=args.subsample,
-                seed=args.seed,
-                task_ids=task_ids,
-                origin=f"{settings.data_path.name} (subsample {args.subsample})",
-            )
-            if not task_ids:
-                _say(
-                    f"note: set {INITIAL_SET} of project {project} holds no wafers of {source}; "
-                    "import it first so that this model and the worker hold out the same wafers"
-                )
+    size = settings.image_size
+    offline = not args.from_project and str(args.project).isascii() and args.project.isdigit()
+    if offline:
+        project = int(args.project)
+        history = _file_history(args, settings, labels, size)
+    else:
+        url, key = settings.require_label_studio()
+        with LabelStudioClient.connect(url, key) as client:
+            project = lookup_project_id(client, args.project)
+            if args.from_project:
+                tasks = client.tasks_of_set(project, INITIAL_SET)
+                with image_client(url, settings.image_hosts) as http:
+                    fetch = picture_reader(settings, size, http)
+                    history = history_from_tasks(
+                        tasks,
+                        labels,
+                        client.current_user_id(),
+                        fetch,
+                        size,
+                        origin=f"project {project} set {INITIAL_SET}",
+                    )
+            else:
+                history = _file_history(args, settings, labels, size)
     _say(
         f"training {settings.backbone} at {size}x{size} on {len(history):,} labelled wafers "
-        f"({history.in_project:,} of them tasks of project {project}), {args.epochs} epochs, {device}"
+        f"for project {project}, {args.epochs} epochs, {device}"
     )
     store = ModelStore.for_project(settings.model_dir, project, device)
-    version = store.next_version(f"set{INITIAL_SET}")
     model, figures = train_first_model(
-        history, labels, settings, config, version=version, project=project, device=device
+        history,
+        labels,
+        settings,
+        config,
+        version=store.next_version(f"set{INITIAL_SET}"),
+        project=project,
+        device=device,
     )
-    store.publish(model)
+    model = publish_as_next(store, model, f"set{INITIAL_SET}")
+    version = model.card.version
     metrics = model.card.metrics
     accuracy = metrics.get("validation_accuracy")
     print(
@@ -256,3 +246,34 @@ def run_train(args: argparse.Namespace, settings: Settings, labels: LabelConfig)
         )
     )
     return 0
+
+
+def _file_history(
+    args: argparse.Namespace, settings: Settings, labels: LabelConfig, size: int
+) -> History:
+    source = source_name(settings.data_path, args.source)
+    wafers, report = load_wafers(settings.data_path, labels.failure_types, settings.cache_dir)
+    _say(report.summary())
+    return history_from_wafers(
+        wafers,
+        size,
+        subsample=args.subsample,
+        seed=args.seed,
+        source=source,
+        origin=f"{settings.data_path.name} (subsample {args.subsample})",
+    )
+
+
+def publish_as_next(store: ModelStore, model: WaferClassifier, label: str) -> WaferClassifier:
+    """Publish `model` and serve it; when its version name was taken meanwhile (the worker
+    published one while this trained), under the next free name. The model as published."""
+    for _ in range(5):
+        try:
+            store.publish(model)
+            return model
+        except ValueError:
+            if not store.path_of(model.card.version).exists():
+                raise
+            card = dataclasses.replace(model.card, version=store.next_version(label))
+            model = dataclasses.replace(model, card=card)
+    raise RuntimeError(f"could not find a free version name for {label} in {store.root}")

@@ -11,10 +11,10 @@ retrainings warm-start from it (when WAFER_BACKBONE names the same backbone).
 
 Validation follows the worker's rule, so routing is calibrated and stays honest: a stable share
 (`backend.splits.stable_holdout`, WAFER_VALIDATION_FRACTION) of the person-labelled wafers is
-held out, keyed by the Label Studio task id. Wafers of a file are matched to the tasks of set 0
-by (source, wafer_id), so a wafer the worker will hold out was never trained on here; wafers that
-are not tasks of the project (trained before the import, or more history than set 0) are held
-out by the same hash of their wafer id. Import set 0 first for the exact match.
+held out, keyed by the wafer's own identity (source, wafer id: `backend.retraining.holdout_key`),
+so a wafer the worker will hold out was never trained on here, whether or not it is a task of the
+project yet, and training needs no Label Studio: `train --project ID --data FILE --model-dir DIR`
+runs on a GPU box or in a build job and publishes into MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -38,15 +38,14 @@ from backend.classifier import WaferClassifier, build_network, load_version, sav
 from backend.encoding import resize_nearest
 from backend.images import ImageError
 from backend.label_config import LabelConfig
-from backend.labelstudio import FilterOperator, LabelStudioClient, TaskFilter, set_filter
 from backend.loop_state import (
     label_of,
     labelled_by_person,
 )
 from backend.model_card import ModelCard
-from backend.retraining import with_validation
+from backend.retraining import holdout_key, with_validation
 from backend.settings import Settings
-from backend.splits import stable_holdout, stratified_sample
+from backend.splits import stable_holdout, stratified_sample, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.uncertainty import Measure
 from backend.wafer_sets import INITIAL_SET
@@ -62,8 +61,8 @@ TRAINED_THROUGH = INITIAL_SET
 class History:
     """Labelled wafers as model inputs.
 
-    `holdout_keys` are what the stable holdout hashes: the task id for a wafer that is a task of
-    the project, else its wafer id. `by_person` marks labels a person gave (known labels of the
+    `holdout_keys` are what the stable holdout hashes (`backend.retraining.holdout_key`: the
+    wafer's source and id). `by_person` marks labels a person gave (known labels of the
     history, engineer labels), the only ones fit to validate on.
     """
 
@@ -79,33 +78,22 @@ class History:
         return int(self.classes.shape[0])
 
 
-def set0_task_ids(client: LabelStudioClient, project: int, source: str) -> dict[int, int]:
-    """wafer_id -> task id of the project's set-0 wafers from `source` (one listing of set 0)."""
-    filters = [
-        set_filter(INITIAL_SET),
-        TaskFilter("data.source", FilterOperator.EQUAL, "String", source),
-    ]
-    found: dict[int, int] = {}
-    for task_id, data in client.task_data(project, filters, ("wafer_id",)):
-        wafer = data.get("wafer_id")
-        if isinstance(wafer, int) and not isinstance(wafer, bool):
-            found[wafer] = task_id
-    return found
-
-
 def history_from_wafers(
     wafers: WaferMaps,
     size: int,
     *,
     subsample: float,
     seed: int,
-    task_ids: Mapping[int, int],
+    source: str,
     origin: str,
+    in_project: int = 0,
     progress: bool = True,
 ) -> History:
     """The labelled wafers of a file (a stratified `subsample` of them), as (size, size) codes.
 
-    `task_ids` maps wafer ids to the project's task ids (`set0_task_ids`).
+    `source` is the file's source name in task data (`backend.wafer_sets.source_name`), which
+    with a wafer's row keys the hold-out; `in_project` is how many of them are tasks already
+    (for the report only).
     """
     labelled = np.flatnonzero(wafers.labels >= 0)
     if labelled.size < 2:
@@ -117,14 +105,13 @@ def history_from_wafers(
         tqdm(chosen.tolist(), desc="encoding wafers", unit="wafer", disable=not progress)
     ):
         codes[j] = resize_nearest(wafers.die_map(i), size)
-    wafer_ids = wafers.source_row[chosen]
-    keys = np.array([task_ids.get(int(w), int(w)) for w in wafer_ids], dtype=np.int64)
+    keys = np.array([wafer_key(source, int(w)) for w in wafers.source_row[chosen]], np.int64)
     return History(
         codes=codes,
         classes=wafers.labels[chosen].astype(np.int64),
         holdout_keys=keys,
         by_person=np.ones(chosen.size, dtype=np.bool_),
-        in_project=sum(int(w) in task_ids for w in wafer_ids),
+        in_project=in_project,
         origin=origin,
     )
 
@@ -162,7 +149,7 @@ def history_from_tasks(
             skipped["unreadable_picture"] = skipped.get("unreadable_picture", 0) + 1
             continue
         classes.append(labels.failure_types.index(failure_type))
-        keys.append(int(task["id"]))
+        keys.append(holdout_key(task))
         by_person.append(labelled_by_person(task, auto_user))
     if len(codes) < 2:
         raise ValueError(f"{origin} holds {len(codes)} usable labelled wafers; need at least 2")

@@ -35,7 +35,7 @@ from backend.loop_state import (
 )
 from backend.model_card import HeldOutScores, ModelCard
 from backend.replay import RetrainPolicy, plan_retraining
-from backend.splits import stable_holdout, unrouted_holdout
+from backend.splits import stable_holdout, unrouted_holdout, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
 from backend.uncertainty import Measure, uncertainty
 
@@ -85,6 +85,22 @@ def report_stage(stage: str) -> None:
         job.save_meta()
 
 
+#: The source name of tasks that carry no wafer identity of their own: their task id stands in.
+TASK_ID_SOURCE = "label-studio-task"
+
+
+def holdout_key(task: Mapping[str, Any]) -> int:
+    """What the stable hold-out hashes for a task: its wafer's identity (`data.source`,
+    `data.wafer_id`, as `import-sets`/`import-wafers` write them), so the offline `train` and
+    the worker hold out the same wafers without asking Label Studio, across re-imports. A task
+    without them is keyed by its task id."""
+    data = task.get("data") or {}
+    source, wafer_id = data.get("source"), data.get("wafer_id")
+    if isinstance(source, str) and isinstance(wafer_id, int) and not isinstance(wafer_id, bool):
+        return wafer_key(source, wafer_id)
+    return wafer_key(TASK_ID_SOURCE, int(task["id"]))
+
+
 @dataclass(frozen=True)
 class TrainingExamples:
     """The annotated wafers as model inputs: die codes, class indices, task ids, and whether
@@ -93,6 +109,8 @@ class TrainingExamples:
     codes: npt.NDArray[np.uint8]
     classes: npt.NDArray[np.int64]
     task_ids: npt.NDArray[np.int64]
+    #: What the stable hold-out hashes (`holdout_key`).
+    holdout_keys: npt.NDArray[np.int64]
     by_person: npt.NDArray[np.bool_]
     skipped: dict[str, int]
     #: `data.set` of each wafer's task (0 when it has none).
@@ -144,6 +162,7 @@ def training_examples(
         codes=np.concatenate(parts) if ids else np.zeros((0, size, size), np.uint8),
         classes=np.asarray([labelled[i][0] for i in ids], dtype=np.int64),
         task_ids=np.asarray(ids, dtype=np.int64),
+        holdout_keys=np.asarray([holdout_key(labelled[i][2]) for i in ids], dtype=np.int64),
         by_person=np.asarray([labelled[i][1] for i in ids], dtype=np.bool_),
         skipped=dict(skipped),
         set_numbers=np.asarray([set_number_of(labelled[i][2]) or 0 for i in ids], dtype=np.int64),
@@ -170,7 +189,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     # Validation: a stable share of the wafers a PERSON labelled. Stable, so a warm-started
     # model never trained on them; persons only, so the model is not graded against labels
     # that an earlier model gave.
-    held_out = stable_holdout(examples.task_ids, s.validation_fraction) & examples.by_person
+    held_out = stable_holdout(examples.holdout_keys, s.validation_fraction) & examples.by_person
     train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     if len(train) < 2:
         train, val = np.arange(len(codes)), np.zeros(0, dtype=np.intp)
@@ -267,6 +286,28 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
         device=resources.store.device,
     )
     report_stage("publishing")
+    served = resources.store.current_card()
+    started_from = current.card.version if current is not None else None
+    if served is not None and served.version != started_from:
+        through = trained_through(served)
+        if through is not None and through >= set_number:
+            # Another version that learnt this set was served while this one trained (ops's
+            # offline `train`, typically, while the history was still being imported): it
+            # stays served, and this retraining is dropped rather than put over it.
+            log.warning(
+                "retraining of project %d through set %d dropped: %s (trained through set %d) "
+                "was published meanwhile and stays served",
+                project,
+                set_number,
+                served.version,
+                through,
+            )
+            return {
+                "action": "retrain",
+                "set": set_number,
+                "dropped": f"{served.version} was published meanwhile",
+                "model_version": served.version,
+            }
     resources.store.publish(model)
     outcome = {
         "action": "retrain",

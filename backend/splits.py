@@ -8,6 +8,7 @@ visited in ascending order, so a seed fixes the split.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,6 +159,14 @@ def stratified_train_val(
 
 #: Knuth's multiplicative hash constant (2^32 / golden ratio).
 _GOLDEN = 2654435761
+
+
+def wafer_key(source: str, wafer_id: int) -> int:
+    """A wafer's identity (the file or fab system it came from, its id there) as one stable
+    non-negative integer for `stable_holdout`: the same for the same wafer in every project, in
+    a re-import, and where Label Studio is out of reach (a first model trained on a GPU box)."""
+    digest = hashlib.blake2b(f"{source}\x00{int(wafer_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def stable_holdout(ids: npt.ArrayLike, fraction: float) -> npt.NDArray[np.bool_]:

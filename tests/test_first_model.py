@@ -14,17 +14,19 @@ from redis import Redis
 
 from backend.classifier import WaferClassifier
 from backend.cli import main
-from backend.first_model import cached_first_model, history_from_wafers, set0_task_ids
+from backend.cli_labelstudio import publish_as_next
+from backend.first_model import cached_first_model, history_from_wafers
 from backend.harness.stack import LabelStudioServer
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LabelStudioClient, set_filter
 from backend.loop_state import trained_through
 from backend.model_store import ModelStore
+from backend.retraining import holdout_key
 from backend.service import WaferLabelingService
 from backend.settings import Settings
 from backend.sources.arrays import save_npz
 from backend.sources.cache import LoadReport
-from backend.splits import stable_holdout, stratified_sample
+from backend.splits import stable_holdout, stratified_sample, wafer_key
 from backend.training import TrainConfig
 from backend.wafers import WaferMaps
 
@@ -96,12 +98,13 @@ def test_train_publishes_a_served_version_trained_through_set_0(
     assert card.backbone == "resnet18" and card.image_size == 16
     probs = model.predict_proba(np.zeros((2, 16, 16), np.uint8))
     assert probs.shape == (2, len(card.failure_types))
-    # The holdout is the worker's: set-0 wafers by task id (the rest by wafer id).
-    task_of = set0_task_ids(ls, project, "history")
-    assert len(task_of) == len(set0)
+    # The holdout is the worker's: keyed by each wafer's (source, id), tasks or not.
     with np.load(history_file) as saved:
         wafer_ids = saved["source_row"]
-    keys = np.array([task_of.get(int(w), int(w)) for w in wafer_ids])
+    keys = np.array([wafer_key("history", int(w)) for w in wafer_ids])
+    assert sorted(holdout_key(t) for t in set0) == sorted(
+        wafer_key("history", t["data"]["wafer_id"]) for t in set0
+    )
     fraction = Settings.from_env(os.environ).validation_fraction
     held_out = int(stable_holdout(keys, fraction).sum())
     assert card.metrics["validation_wafers"] == held_out > 0
@@ -123,7 +126,7 @@ def test_train_publishes_a_served_version_trained_through_set_0(
     assert trained_through(card) == 0
     total = card.training["train_wafers"] + card.training["validation_wafers"]
     assert total == len(set0)
-    held = stable_holdout(np.array([t["id"] for t in set0]), fraction)
+    held = stable_holdout(np.array([holdout_key(t) for t in set0]), fraction)
     assert card.training["validation_wafers"] == int(held.sum())
 
 
@@ -165,7 +168,7 @@ def test_a_first_model_is_trained_once_then_taken_from_the_cache(
         Settings(), backbone="resnet18", image_size=16, validation_fraction=0.3
     )
     history = history_from_wafers(
-        wafers.subset(chosen), 16, subsample=1.0, seed=0, task_ids={}, origin="test", progress=False
+        wafers.subset(chosen), 16, subsample=1.0, seed=0, source="t", origin="test", progress=False
     )
     config = TrainConfig(epochs=1, batch_size=32, seed=0)
 
@@ -198,3 +201,48 @@ def test_a_first_model_is_trained_once_then_taken_from_the_cache(
     kept.write_bytes(b"garbage")
     _, cached = first_model(config)
     assert not cached
+
+
+def test_train_needs_no_label_studio_with_a_project_id_and_a_file(
+    history_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first model trained where Label Studio is out of reach (a GPU box, a build job)."""
+    model_dir = tmp_path / "models"
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")  # nothing answers there
+    flags = ["--backbone", "resnet18", "--image-size", "16", "--epochs", "1", "--batch-size", "32"]
+    flags += ["--model-dir", str(model_dir), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--project", "42", "--data", str(history_file), *flags]) == 0
+    card = ModelStore.for_project(model_dir, 42, CPU).current_card()
+    assert card is not None and card.project == 42 and trained_through(card) == 0
+    # A title needs Label Studio to look it up: a clear error, not a crash
+    assert main(["train", "--project", "Wafer maps", "--data", str(history_file), *flags]) == 2
+
+
+def test_train_publishes_under_the_next_name_when_the_worker_took_its_name(
+    tmp_path: Path, label_config: LabelConfig
+) -> None:
+    """The worker published v001-set0 while `train` trained: the offline model is served as
+    v002-set0 instead of failing with 'exists already'."""
+    store = ModelStore.for_project(tmp_path, 5, CPU)
+    n = len(label_config.failure_types)
+
+    def model(seed: int) -> WaferClassifier:
+        from backend.classifier import build_network
+        from backend.model_card import ModelCard
+
+        card = ModelCard(
+            "v001-set0",
+            label_config.failure_types,
+            16,
+            "resnet18",
+            (0.0,) * n,
+            trained_through_set=0,
+            project=5,
+        )
+        return WaferClassifier(build_network("resnet18", n, seed=seed), card, CPU)
+
+    store.publish(model(1))  # the worker's weak first model
+    published = publish_as_next(store, model(2), "set0")
+    assert published.card.version == "v002-set0" == store.current_version()
+    assert store.versions() == ["v001-set0", "v002-set0"]

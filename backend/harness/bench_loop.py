@@ -203,13 +203,13 @@ def run_bench_loop(config: LoopBenchConfig, settings: Settings) -> dict[str, Any
         # The first model, trained offline on part of the history (`python -m backend train`).
         device = pick_device(settings.device)
         train_rows = history[_pick(len(history), config.train_wafers, rng)]
-        task_of = store.set_task_ids(0)
         first = history_from_wafers(
             labelled.subset(train_rows),
             settings.image_size,
             subsample=1.0,
             seed=config.seed,
-            task_ids=task_of,
+            source=WM811K_SOURCE,
+            in_project=len(train_rows),
             origin="bench-loop history",
         )
         model_store = ModelStore.for_project(model_dir, project, device)

@@ -59,6 +59,7 @@ from backend.splits import StudySplit, stratified_sample
 from backend.training import TrainConfig
 from backend.wafer_sets import (
     INITIAL_SET,
+    WM811K_SOURCE,
     SetPlan,
     import_sets,
     plan_sets,
@@ -165,7 +166,8 @@ def publish_first_model(
         settings.image_size,
         subsample=1.0,
         seed=config.seed,
-        task_ids=task_of,
+        source=WM811K_SOURCE,
+        in_project=len(task_of),
         origin=f"the demo's set 0 ({len(task_of):,} wafers)",
     )
     device = pick_device(settings.device)
