@@ -157,8 +157,10 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
     The engineer queue shows the unlabelled wafers the served model predicted (the open set's
     wafers it did not accept), most uncertain first (prediction score ascending), with the
     score, the model's guess, the picture as a thumbnail, set and lot, and nothing else. The
-    auto labels tab lists the wafers labelled by the backend's account (`auto_user`); the
-    unreadable-pictures tab shows where each wafer came from and why it failed.
+    auto labels tab lists the wafers of new sets (set > 0) labelled by the backend's account
+    (`auto_user`): accepted predictions only, not the labelled history of set 0 that ops
+    imported with the same token; the unreadable-pictures tab shows where each wafer came from
+    and why it failed.
     """
     shown = engineer_columns()
     auto_shown = (*shown, "annotators")
@@ -170,6 +172,7 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
         "data.prediction_error",
     )
     by_backend = TaskFilter("annotators", FilterOperator.CONTAINS, "List", int(auto_user))
+    new_sets = TaskFilter("data.set", FilterOperator.GREATER, "Number", INITIAL_SET)
     return {
         ENGINEER_VIEW: client.create_view(
             project,
@@ -182,7 +185,7 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
         AUTO_VIEW: client.create_view(
             project,
             AUTO_VIEW,
-            [by_backend],
+            [by_backend, new_sets],
             [UNCERTAIN_FIRST],
             hidden_columns=tab_columns(auto_shown),
             column_types=NUMBER_COLUMNS,

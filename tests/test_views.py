@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import pytest
+
+from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig
 from backend.labelstudio import LABEL_STUDIO_TASK_COLUMNS, LabelStudioClient, TaskFilter
 from backend.projects import (
     AUTO_VIEW,
@@ -16,6 +19,7 @@ from backend.projects import (
     make_views,
     tab_columns,
 )
+from backend.wafer_sets import choice_result
 
 
 class RecordingClient:
@@ -84,9 +88,11 @@ def test_other_tabs_hide_label_studio_bookkeeping_too() -> None:
     make_views(cast(LabelStudioClient, client), 7, auto_user=42)
     auto = client.tabs[AUTO_VIEW]
     assert visible(auto["hidden"]) == {*engineer_columns(), "annotators"}
-    # The backend's own labels: annotated by its account.
+    # The backend's own labels: annotated by its account, in new sets (the labelled history of
+    # set 0 is imported with the same token, but those are no auto labels)
     assert auto["filters"] == [
-        {"filter": "filter:tasks:annotators", "operator": "contains", "type": "List", "value": 42}
+        {"filter": "filter:tasks:annotators", "operator": "contains", "type": "List", "value": 42},
+        {"filter": "filter:tasks:data.set", "operator": "greater", "type": "Number", "value": 0},
     ]
     unreadable = visible(client.tabs[UNREADABLE_VIEW]["hidden"])
     assert unreadable == {
@@ -104,3 +110,26 @@ def test_tab_columns_hides_everything_not_shown() -> None:
     assert "data.image" not in hidden and "id" not in hidden
     assert "inner_id" in hidden and "data.route" in hidden
     assert len(hidden) == len(set(hidden))
+
+
+# ---- the tabs on a real Label Studio -------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_auto_labels_tab_lists_accepted_predictions_not_the_imported_history(
+    ls: LabelStudioClient, label_config: LabelConfig
+) -> None:
+    """The labelled history of set 0 is imported with the backend's token, so it is annotated
+    by the backend's account too; only a new set's labels are auto labels."""
+    project = ls.create_project("auto labels tab", DEFAULT_LABEL_CONFIG.read_text())
+    labelled = {"result": choice_result(label_config, "Center")}
+    ids = ls.import_tasks(
+        project,
+        [
+            {"data": {"image": "/data/upload/h.png", "set": 0}, "annotations": [labelled]},
+            {"data": {"image": "/data/upload/a.png", "set": 1}, "annotations": [labelled]},
+            {"data": {"image": "/data/upload/w.png", "set": 1}},
+        ],
+    )
+    views = make_views(ls, project, ls.current_user_id())
+    assert [t["id"] for t in ls.view_page(project, views[AUTO_VIEW])] == [ids[1]]
