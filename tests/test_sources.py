@@ -17,7 +17,12 @@ from backend.settings import DEFAULT_DATA
 from backend.sources import load_wafers
 from backend.sources.arrays import load_npz, save_npz
 from backend.sources.cache import LoadReport
-from backend.sources.lswmd import LSWMD_GLOBALS, LegacyPandasUnpickler, _open_pickle
+from backend.sources.lswmd import (
+    LSWMD_GLOBALS,
+    LegacyPandasUnpickler,
+    open_pickle,
+    open_wafer_file,
+)
 from backend.wafers import WaferMaps
 
 CLASSES = parse_label_config(DEFAULT_LABEL_CONFIG.read_text()).failure_types
@@ -496,7 +501,10 @@ def test_real_file_needs_exactly_the_admitted_lswmd_names() -> None:
             asked.add((module, name))
             return found
 
-    with _open_pickle(DEFAULT_DATA) as stream:
+    with (
+        open_wafer_file(DEFAULT_DATA) as file,
+        open_pickle(file, DEFAULT_DATA, zipped=True) as stream,
+    ):
         frame = Recording(stream, encoding="latin1").load()
     assert frame.shape == (811_457, 6)
     as_admitted = {

@@ -40,8 +40,13 @@ def load_wafers(
     same file (same path, size and mtime), classes and ``keep_unlabelled`` read that instead, with
     ``report.from_cache`` True and the same counts. ``progress`` prints progress to stderr.
 
+    A ``.zip`` / ``.pkl`` is unpickled in this process only when it is the WM-811K file as
+    distributed (size and SHA-256, ``lswmd.DISTRIBUTION_FILES``); any other pickle is read, checked,
+    in a child process (``pickle_sandbox``), so a crafted file cannot crash this one.
+
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an unsupported suffix or a
-    file that is broken as a whole.
+    file that is broken as a whole (``UnsafeFileError`` when the child reading it crashed), and
+    ``pickle.UnpicklingError`` for a pickle that names or builds what a WM-811K frame does not.
     """
     start = time.perf_counter()
     path = Path(path)
