@@ -10,6 +10,15 @@ following a redirect from one of those (a presigned cloud-storage URL), from a h
 address is publicly routed. Loopback, private, link-local, carrier-grade NAT, multicast, reserved
 and other non-global addresses are refused, also when hidden inside an IPv6 address
 (IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002::/16``, NAT64 ``64:ff9b::/96``).
+
+Python's `ipaddress` flags are the first check, not the whole one: its lists lag the IANA
+special-purpose registries, and ``is_global`` is True for ranges that are not globally
+reachable. `NOT_GLOBAL` names those it misses (Python 3.11 misses all of them; newer versions
+know some): the deprecated site-local ``fec0::/10`` (RFC 3879: still routed inside sites that
+used it), the IPv6 documentation range ``3fff::/20`` (RFC 9637), SRv6 segment identifiers
+``5f00::/16`` (RFC 9602), local-use NAT64 ``64:ff9b:1::/48`` (RFC 8215: translates into the
+operator's own IPv4 space), the dummy prefix ``100:0:0:1::/64`` (RFC 9780) and the deprecated
+6to4 relay anycast ``192.88.99.0/24`` (RFC 7526).
 """
 
 from __future__ import annotations
@@ -22,6 +31,20 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
+
+#: Ranges that are not globally reachable but that `ipaddress` does not flag (see the module
+#: docstring), with the reason a refusal gives.
+NOT_GLOBAL: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.ip_network(network), reason)
+    for network, reason in (
+        ("fec0::/10", "site-local"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "SRv6 segment identifier"),
+        ("64:ff9b:1::/48", "local-use NAT64"),
+        ("100:0:0:1::/64", "dummy prefix"),
+        ("192.88.99.0/24", "deprecated 6to4 relay anycast"),
+    )
+)
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
@@ -50,6 +73,9 @@ def refusal(address: IPAddress) -> str | None:
         if embedded is not None:
             reason = refusal(embedded)
             return None if reason is None else f"{reason} (inside an IPv6 address)"
+    for network, reason in NOT_GLOBAL:
+        if address.version == network.version and address in network:
+            return reason
     checks = (
         (address.is_unspecified, "unspecified"),
         (address.is_loopback, "loopback"),

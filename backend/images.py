@@ -10,18 +10,40 @@ Layer L1 (httpx + Pillow). A Label Studio task names its picture in one of these
 - an ``http(s)://`` URL on a host the operator lists in WAFER_IMAGE_HOSTS.
 
 Redirects are followed (at most MAX_REDIRECTS) and every hop is checked again: on the Label
-Studio origin only the picture paths; elsewhere, unless the host is listed, only hosts whose
-every address is public (`backend.addresses.refusal`: no loopback, private, link-local, ...),
-so an image URL can never make the backend read an internal service. The API token
+Studio origin only the picture paths, judged on the raw path as it is sent (a dot segment or a
+backslash, percent-encoded or not, is refused before any request: a server or proxy that
+decodes ``%2e%2e`` would otherwise serve the API to a picture path); elsewhere, unless the
+host is listed, only hosts whose every address is public (`backend.addresses.refusal`: no
+loopback, private, link-local, site-local, ...), so an image URL can never make the backend
+read an internal service. The API token
 (``Authorization: Token <api_key>``) goes only to the Label Studio origin (scheme, host, port),
 re-checked at every redirect, so a presigned cloud-storage URL never sees it.
 
 Bounds (`ImageRules`, from the WAFER_IMAGE_* settings): the whole download, redirects included,
-ends by a deadline (not a timeout per read); at most ``max_bytes`` are read; the picture's pixel
-count is read from its header and checked BEFORE decoding; only PNG, JPEG, GIF, WebP and BMP
-(what a browser shows in Label Studio) are decoded. Every failure, whatever a decoder raises, is
-an `ImageError` naming the picture and the reason, never the token, the answer's bytes or size,
-or a URL's query string (a presigned signature) on other hosts.
+ends by a deadline (not a timeout per read); at most ``max_bytes`` are read. Decoding has a
+budget, checked BEFORE a decoder runs:
+
+- per picture: its pixel count, read from its header (WAFER_IMAGE_MAX_PIXELS, 1024 x 1024 by
+  default: 7 times the largest picture `backend.encoding.render_picture` draws, 384 x 384), and
+  its structure (`backend.picture_structure`: JPEG scans, frames, chunks and segments), so that
+  no picture costs much more than its pixels; only PNG, JPEG, GIF, WebP and BMP (what a browser
+  shows in Label Studio) are decoded;
+- per request: inside `request_pixel_budget` (`backend.predictions.predict_tasks` opens one
+  for each /predict), the pixels handed to a general decoder are summed, and past
+  WAFER_REQUEST_MAX_PIXELS the remaining tasks get an `ImageError` each, without a download.
+  Our own palette PNGs are read without a decoder (`backend.encoding.palette_png_codes`, under
+  1 ns a pixel against 15-30 ns for Pillow) and are not counted.
+
+Why counts and not a clock: every cost driver found (pixels, scans, parts walked in Python) is
+read from the bytes in microseconds, so a refusal is certain, immediate and the same on every
+machine, and the common path needs no helper process. A decoder bug with a cost driver not
+listed here would not be stopped; a pool of decoder processes with a hard timeout is the next
+step if pictures from outside the fab ever reach the backend.
+
+Every failure, whatever a decoder raises, is an `ImageError` naming the picture and the reason,
+never the token, the answer's bytes or size, or a URL's query string (a presigned signature) on
+other hosts. Its message shows control characters escaped (`escape_controls`): a picture value
+is task data, and a line break in it must not forge a log line.
 
 With a client from `backend.image_client.image_client` the address check happens at connection
 time on the address actually connected to (no DNS rebinding) and the deadline cuts a read in
@@ -33,11 +55,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -63,6 +87,12 @@ from backend.image_client import (
     shared_image_client,
     system_resolver,
 )
+from backend.picture_structure import (
+    STRUCTURE_LIMITS,
+    StructureLimits,
+    StructureRefusedError,
+    picture_structure,
+)
 from backend.settings import Settings
 
 #: Redirects followed before giving up.
@@ -78,24 +108,46 @@ LABEL_STUDIO_PICTURE_PATHS = re.compile(
     r"/data/upload/.+|/data/local-files/?|/storage-data/uploaded/?"
     r"|/(?:tasks|projects)/\d+/(?:resolve|presign)/?"
 )
+#: Percent-decodings of a Label Studio path checked for dot segments; more is refused.
+PATH_DECODINGS = 4
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character that is not printable (line breaks, escape sequences,
+    bidirectional overrides, ...) written as a Python escape (``\\n``, ``\\x1b``,
+    ``\\u202e``): fit for one log line, whatever a task's data held."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 class ImageError(ValueError):
-    """A task's picture cannot be fetched or decoded; the message says which and why."""
+    """A task's picture cannot be fetched or decoded; the message says which and why, with
+    control characters escaped (`escape_controls`), so it is safe to log or store."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(escape_controls(message))
 
 
 @dataclass(frozen=True)
 class ImageRules:
-    """Where pictures may come from and how much one may cost (the WAFER_IMAGE_* settings).
+    """Where pictures may come from and how much one may cost (the WAFER_IMAGE_* settings and
+    WAFER_REQUEST_MAX_PIXELS).
 
-    The defaults leave a wide margin over Label Studio wafer pictures (a few hundred pixels a
-    side, a few kilobytes): 4 megapixels is 2000 x 2000, and decoding one costs about 30 MB.
+    The defaults leave a wide margin over Label Studio wafer pictures (at most 384 x 384 pixels,
+    a few kilobytes): 1024 x 1024 costs ~25 ms and ~4 MB to decode with Pillow.
+    ``request_max_pixels`` applies inside `request_pixel_budget` only; ``structure`` bounds
+    what a picture's container may hold (`backend.picture_structure`).
     """
 
     allowed_hosts: tuple[str, ...] = ()
     max_pixels: int = Settings.image_max_pixels
     max_bytes: int = Settings.image_max_bytes
     timeout_s: float = Settings.image_timeout_s
+    request_max_pixels: int = Settings.request_max_pixels
+    structure: StructureLimits = STRUCTURE_LIMITS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageRules:
@@ -104,7 +156,53 @@ class ImageRules:
             max_pixels=settings.image_max_pixels,
             max_bytes=settings.image_max_bytes,
             timeout_s=settings.image_timeout_s,
+            request_max_pixels=settings.request_max_pixels,
         )
+
+
+@dataclass
+class PixelBudget:
+    """The pixels handed to a general decoder for one request so far (`request_pixel_budget`);
+    once a picture would pass the limit, it and every later one are refused. One request's
+    tasks are read one after the other, in one thread."""
+
+    spent: int = 0
+    exhausted: bool = False
+
+    def refusal(self, limit: int) -> ImageError:
+        return ImageError(
+            f"not decoded: the pictures of this request reached the {limit:,}-pixel budget "
+            "for decoding (WAFER_REQUEST_MAX_PIXELS); ask for this task's prediction again in "
+            "a smaller request"
+        )
+
+    def check(self, limit: int) -> None:
+        """Refuse at once (no download) when the budget is spent."""
+        if self.exhausted:
+            raise self.refusal(limit)
+
+    def spend(self, pixels: int, limit: int) -> None:
+        """Count a picture of ``pixels`` about to be decoded, or refuse it."""
+        if self.exhausted or self.spent + pixels > limit:
+            self.exhausted = True
+            raise self.refusal(limit)
+        self.spent += pixels
+
+
+_REQUEST_BUDGET: ContextVar[PixelBudget | None] = ContextVar("picture_budget", default=None)
+
+
+@contextlib.contextmanager
+def request_pixel_budget() -> Iterator[PixelBudget]:
+    """Within the block, `model_input` charges every picture it hands to a general decoder to
+    one new `PixelBudget`, limited by its rules' ``request_max_pixels``. Outside any such block
+    (the worker's jobs, the CLI) no request budget applies."""
+    budget = PixelBudget()
+    token = _REQUEST_BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _REQUEST_BUDGET.reset(token)
 
 
 def png_bytes(picture: npt.NDArray[np.uint8]) -> bytes:
@@ -148,13 +246,30 @@ def _ours(image: Image.Image) -> bool:
 
 
 def _decode(
-    data: bytes, *, max_pixels: int, formats: Sequence[str] | None, die_codes: bool
+    data: bytes,
+    *,
+    max_pixels: int,
+    formats: Sequence[str] | None,
+    die_codes: bool,
+    limits: StructureLimits,
+    spend: Callable[[int], None] | None,
 ) -> npt.NDArray[np.uint8]:
     """Image bytes -> (h, w, 3) uint8 RGB or, with ``die_codes`` and a picture `_ours` whose
     every index is a die code, its (h, w) indices (no RGB conversion). See `read_picture`."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     what = "the picture"
+    try:
+        structure = picture_structure(data, limits)
+    except StructureRefusedError as exc:
+        raise ImageError(f"{exc}: refused before decoding") from None
+    if structure is not None:
+        what = f"the {structure.format} picture"
+        if structure.pixels > max_pixels:  # from the header, before a decoder opens it
+            raise ImageError(
+                f"{what} has more than {max_pixels:,} pixels (the WAFER_IMAGE_MAX_PIXELS "
+                "limit): refused before decoding"
+            )
     try:
         with Image.open(
             io.BytesIO(data), formats=None if formats is None else tuple(formats)
@@ -168,6 +283,8 @@ def _decode(
                     f"{what} has more than {max_pixels:,} pixels (the "
                     "WAFER_IMAGE_MAX_PIXELS limit): refused before decoding"
                 )
+            if spend is not None:
+                spend(width * height)
             pixels: npt.NDArray[np.uint8] | None = None
             if die_codes and image.format == "PNG" and image.mode == "P":
                 image.load()
@@ -204,16 +321,21 @@ def read_picture(
     *,
     max_pixels: int = ImageRules.max_pixels,
     formats: Sequence[str] | None = ACCEPTED_FORMATS,
+    limits: StructureLimits = STRUCTURE_LIMITS,
 ) -> npt.NDArray[np.uint8]:
     """Image bytes -> (h, w, 3) uint8 RGB; anything else is an `ImageError`.
 
-    The size comes from the header (Pillow's ``Image.open`` decodes nothing yet) and a picture
-    over ``max_pixels`` is refused before a pixel is decoded, so a 10 kB PNG of 9459 x 9459
+    Before a pixel is decoded, the picture's structure is checked against ``limits``
+    (`backend.picture_structure.picture_structure`: a progressive JPEG of 20,000 scans, an
+    animation, a flood of chunks are refused), then its size from the header (Pillow's
+    ``Image.open`` decodes nothing yet) against ``max_pixels``, so a 10 kB PNG of 9459 x 9459
     pixels costs nothing. ``formats``: Pillow format names tried (None: every format Pillow
-    knows). Transparency is dropped, palette and grey pictures are expanded; the first frame
-    of an animation is used.
+    knows; the structure of those beyond PNG, JPEG, GIF, WebP and BMP is not checked).
+    Transparency is dropped, palette and grey pictures are expanded.
     """
-    return _decode(data, max_pixels=max_pixels, formats=formats, die_codes=False)
+    return _decode(
+        data, max_pixels=max_pixels, formats=formats, die_codes=False, limits=limits, spend=None
+    )
 
 
 def picture_codes(
@@ -222,6 +344,8 @@ def picture_codes(
     *,
     max_pixels: int = ImageRules.max_pixels,
     formats: Sequence[str] | None = ACCEPTED_FORMATS,
+    limits: StructureLimits = STRUCTURE_LIMITS,
+    spend: Callable[[int], None] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Image bytes -> (size, size) uint8 die codes: the picture sampled at the model's grid
     (`backend.encoding.sample_positions`), each sample given its die code.
@@ -239,13 +363,17 @@ def picture_codes(
 
     All three give the same codes for the same wafer. The limits hold for each way: way 1
     takes only PNGs within ``max_pixels`` (anything else goes on to Pillow, which refuses it
-    or raises an `ImageError` as `read_picture` does).
+    or raises an `ImageError` as `read_picture` does). ``spend`` is called with the pixel count
+    of a picture that ways 2 and 3 are about to decode, after every other check; it raises an
+    `ImageError` to refuse it (`PixelBudget.spend`).
     """
     if formats is None or "PNG" in formats:
         codes = palette_png_codes(data, size, max_pixels)
         if codes is not None:
             return codes
-    pixels = _decode(data, max_pixels=max_pixels, formats=formats, die_codes=True)
+    pixels = _decode(
+        data, max_pixels=max_pixels, formats=formats, die_codes=True, limits=limits, spend=spend
+    )
     rows = sample_positions(pixels.shape[0], size)
     cols = sample_positions(pixels.shape[1], size)
     sampled = pixels[rows[:, None], cols[None, :]]
@@ -255,7 +383,8 @@ def picture_codes(
 
 
 def _quote(url: str | httpx.URL, *, keep_query: bool = True) -> str:
-    """A URL fit for an error message: no user:password part, at most URL_QUOTE_CHARS long.
+    """A URL fit for an error message: no user:password part, at most URL_QUOTE_CHARS long,
+    control characters escaped.
 
     ``keep_query=False`` shows the query as ``?...``: on hosts other than Label Studio it may
     hold a signature (presigned cloud-storage URLs).
@@ -276,7 +405,7 @@ def _quote(url: str | httpx.URL, *, keep_query: bool = True) -> str:
         pass
     if len(text) > URL_QUOTE_CHARS:
         text = text[:URL_QUOTE_CHARS] + "..."
-    return text
+    return escape_controls(text)
 
 
 def _decode_data_url(value: str, max_bytes: int) -> bytes:
@@ -326,6 +455,30 @@ def _resolve(value: str, label_studio_url: str | None) -> httpx.URL:
     return url
 
 
+def _path_refusal(url: httpx.URL) -> str | None:
+    """Why the path of ``url`` may not be sent to Label Studio, or None.
+
+    The check reads the raw path, as it goes on the wire, and each percent-decoding of it (a
+    server, a proxy or a framework may decode once or more before it resolves the path): a dot
+    segment (``..``, ``%2e%2e``, ``%252e%252e``, ``..%2f``), a backslash (a separator to some
+    servers) or a control character at any stage is refused, as is a path still changing after
+    PATH_DECODINGS decodings. The query is not looked at (``?d=`` of local files is resolved by
+    Label Studio itself, inside its document root)."""
+    text = url.raw_path.partition(b"?")[0].decode("ascii", "replace")
+    for _ in range(PATH_DECODINGS):
+        if "\\" in text:
+            return "a backslash"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            return "a control character"
+        if any(segment in (".", "..") for segment in text.split("/")):
+            return "a dot segment ('.' or '..')"
+        decoded = urllib.parse.unquote(text)
+        if decoded == text:
+            return None
+        text = decoded
+    return f"a path still encoded after {PATH_DECODINGS} decodings"
+
+
 def _hint(status: int, on_label_studio: bool, url: httpx.URL) -> str:
     if not on_label_studio:
         return ""
@@ -361,6 +514,18 @@ class _Source:
             )
         label_studio = self.label_studio
         if label_studio is not None and _origin(url) == _origin(label_studio):
+            refused = _path_refusal(url)
+            if refused is not None:
+                where = (
+                    shown
+                    if redirected_from is None
+                    else f"{shown} (redirected from {redirected_from})"
+                )
+                raise ImageError(
+                    f"the image {where} is on Label Studio with {refused} in its path, "
+                    "percent-encoded or not: refused before any request (the backend reads "
+                    "pictures, never the API)"
+                )
             base = label_studio.path.rstrip("/")
             path = url.path
             inside = path.startswith(base + "/") if base else True
@@ -512,8 +677,15 @@ def model_input(
     For a picture drawn by `backend.encoding.render_picture` (a palette PNG now, an RGB PNG
     before) this equals ``resize_nearest(die_map, size)`` of the die map it was drawn from. The
     bytes are read by `picture_codes`: a palette PNG of ours without an image decoder, anything
-    else with only the size x size sampled pixels matched to the palette.
+    else with only the size x size sampled pixels matched to the palette. Inside
+    `request_pixel_budget`, a picture for a general decoder is charged to the request's budget
+    (``rules.request_max_pixels``), and once that is spent the value is refused undownloaded.
     """
+    budget = _REQUEST_BUDGET.get()
+    spend: Callable[[int], None] | None = None
+    if budget is not None:
+        budget.check(rules.request_max_pixels)
+        spend = partial(budget.spend, limit=rules.request_max_pixels)
     data = fetch_image(
         value,
         client,
@@ -522,7 +694,9 @@ def model_input(
         rules=rules,
         resolver=resolver,
     )
-    return picture_codes(data, size, max_pixels=rules.max_pixels)
+    return picture_codes(
+        data, size, max_pixels=rules.max_pixels, limits=rules.structure, spend=spend
+    )
 
 
 def picture_reader(

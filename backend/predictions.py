@@ -3,7 +3,11 @@
 Layer L2: combines the classifier (L1) with the labeling config, uncertainty measures and routing
 rule (L0). Pictures arrive through an injected ``fetch`` (task image value -> (S, S) die codes,
 normally `backend.images.model_input` with its client and settings bound), so this module does
-no I/O of its own.
+no I/O of its own. `predict_tasks` reads a request's pictures inside one
+`backend.images.request_pixel_budget`: past WAFER_REQUEST_MAX_PIXELS of decoding, the remaining
+tasks get an error each and the others their predictions. An error message quotes task data, so
+its control characters are escaped (`backend.images.escape_controls`) before anyone logs or
+stores it.
 
 What Label Studio 1.23.2 does with the ``results`` of one batched ``/predict`` call (read from
 its ``ml/models.py``): the list must hold exactly one entry per task, in order, or the whole
@@ -29,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from backend.classifier import WaferClassifier
+from backend.images import escape_controls, request_pixel_budget
 from backend.label_config import LabelConfig
 from backend.routing import Route, RoutingRule, ScoredRoutes, scored_routes
 from backend.uncertainty import entropy, least_confidence, margin
@@ -85,6 +90,8 @@ def _image_value(task: Mapping[str, Any], field: str) -> str:
 
 
 def _failed(task_id: int | None, message: str) -> WaferPrediction:
+    """A failed prediction; ``message`` may quote task data: its control characters are
+    escaped, so no line break or escape sequence reaches a log line or the task's data."""
     return WaferPrediction(
         task_id=task_id,
         failure_type=None,
@@ -94,7 +101,7 @@ def _failed(task_id: int | None, message: str) -> WaferPrediction:
         margin=None,
         entropy=None,
         route=ERROR_ROUTE,
-        error=message,
+        error=escape_controls(message),
     )
 
 
@@ -157,12 +164,14 @@ def predict_tasks(
     """One `WaferPrediction` per task, in task order.
 
     Pictures are fetched one by one (`read_pictures`; tasks in `stored` take their die codes
-    from there); a task whose picture cannot be read gets route ``"error"`` and the others go
-    on. The readable ones are predicted in ONE batched `predict_codes` call; an error there
+    from there), all inside one `backend.images.request_pixel_budget`; a task whose picture
+    cannot be read, or comes after the budget is spent, gets route ``"error"`` and the others
+    go on. The readable ones are predicted in ONE batched `predict_codes` call; an error there
     (the model itself failing) propagates.
     """
     check_failure_types(classifier, labels)
-    read = read_pictures(tasks, classifier, labels, fetch, stored)
+    with request_pixel_budget():
+        read = read_pictures(tasks, classifier, labels, fetch, stored)
     readable = [i for i, r in enumerate(read) if not isinstance(r, WaferPrediction)]
     out: list[WaferPrediction | None] = [
         r if isinstance(r, WaferPrediction) else None for r in read

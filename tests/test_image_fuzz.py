@@ -43,8 +43,9 @@ def wafer_picture() -> np.ndarray:
 
 
 def seeds() -> dict[str, bytes]:
-    """One valid picture per (format, mode) Pillow can write here, and our palette PNG as the
-    backend writes it and as Pillow re-saves it (8 bits, filtered rows, the die palette)."""
+    """One valid picture per (format, mode) Pillow can write here, our palette PNG as the
+    backend writes it and as Pillow re-saves it (8 bits, filtered rows, the die palette), and
+    animations (GIF, WebP, APNG), which the structure check walks frame by frame."""
     picture = wafer_picture()
     rgb = Image.fromarray(picture_colours(picture))
     resaved = Image.frombytes("P", picture.shape[::-1], picture.tobytes())
@@ -79,6 +80,17 @@ def seeds() -> dict[str, bytes]:
         except (KeyError, OSError, ValueError):  # a format this Pillow cannot write
             continue
         out[name] = buffer.getvalue()
+    frames = [rgb.rotate(angle) for angle in (0, 90, 180)]
+    for fmt, lossless in (("GIF", False), ("WEBP", True), ("PNG", False)):
+        buffer = io.BytesIO()
+        extra = {"lossless": True} if lossless else {}
+        try:
+            frames[0].save(
+                buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100, **extra
+            )
+        except (KeyError, OSError, ValueError):
+            continue
+        out[f"{fmt}-animated"] = buffer.getvalue()
     return out
 
 
@@ -219,6 +231,7 @@ def test_mutated_pictures_give_a_picture_or_an_image_error() -> None:
     assert {"PNG-ours", "PNG-ours-resaved", "PNG-RGB", "JPEG", "GIF", "TIFF", "BMP", "WEBP"} <= set(
         corpus
     )
+    assert {"GIF-animated", "WEBP-animated", "PNG-animated"} <= set(corpus)
     for name, seed in corpus.items():
         inputs = [seed] + [
             MUTATIONS[str(rng.choice(list(MUTATIONS)))](seed, rng) for _ in range(PER_FORMAT)

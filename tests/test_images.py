@@ -186,6 +186,17 @@ def dds_without_pixel_format() -> bytes:
         ("64:ff9b::a9fe:a9fe", "link-local (inside an IPv6 address)"),  # NAT64 metadata
         ("::7f00:1", "reserved"),  # IPv4-compatible 127.0.0.1
         ("2001:db8::1", "private"),
+        # Issue 15 row 12: ranges that ipaddress's is_private / is_global miss.
+        ("fec0::1", "site-local"),  # deprecated site-local fec0::/10, still routed inside sites
+        ("feff:ffff::1", "site-local"),
+        ("fec0::ffff:7f00:1", "site-local"),
+        ("3fff::1", "documentation"),  # 3fff::/20 (RFC 9637)
+        ("3fff:fff:ffff::1", "documentation"),
+        ("5f00::1", "SRv6 segment identifier"),  # 5f00::/16 (RFC 9602)
+        ("64:ff9b:1::a00:1", "local-use NAT64"),  # 64:ff9b:1::/48 (RFC 8215)
+        ("100:0:0:1::1", "dummy prefix"),  # 100:0:0:1::/64 (RFC 9780)
+        ("192.88.99.1", "deprecated 6to4 relay anycast"),  # 192.88.99.0/24 (RFC 7526)
+        ("2002:c058:6301::", "deprecated 6to4 relay anycast (inside an IPv6 address)"),
     ],
 )
 def test_internal_addresses_are_refused_by_the_check(address: str, reason: str) -> None:
@@ -195,7 +206,17 @@ def test_internal_addresses_are_refused_by_the_check(address: str, reason: str) 
 
 
 @pytest.mark.parametrize(
-    "address", ["8.8.8.8", "93.184.216.34", "52.216.8.1", "2606:4700::1111", "::ffff:8.8.8.8"]
+    "address",
+    [
+        "8.8.8.8",
+        "93.184.216.34",
+        "52.216.8.1",
+        "2606:4700::1111",
+        "::ffff:8.8.8.8",
+        "3fff:1000::1",  # just past the documentation /20
+        "2001:4860:4860::8888",
+        "64:ff9b::808:808",  # NAT64 of a public address
+    ],
 )
 def test_public_addresses_pass_the_check(address: str) -> None:
     assert refusal(ipaddress.ip_address(address)) is None
@@ -372,7 +393,7 @@ def test_the_limits_hold_for_palette_pictures() -> None:
     # A 9459 x 9459 header over the same small rows: refused from the header, nothing inflated.
     body = struct.pack(">II", 9459, 9459) + palette[24:29]
     bomb = palette[:16] + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + palette[33:]
-    with pytest.raises(ImageError, match=r"more than 4,000,000 pixels.*refused before decoding"):
+    with pytest.raises(ImageError, match=r"more than 1,048,576 pixels.*refused before decoding"):
         model_input(data_url(bomb), httpx.Client(), label_studio_url=None, api_key=None, size=16)
 
 
@@ -425,25 +446,27 @@ def test_a_decompression_bomb_is_refused_before_decoding() -> None:
     """The table's row: a ~10 kB 1-bit PNG of 9459 x 9459 pixels (~8 GiB decoded before)."""
     bomb = png_bomb(9459, 9459)
     assert len(bomb) < 20_000
-    with pytest.raises(ImageError, match=r"more than 4,000,000 pixels.*refused before decoding"):
+    with pytest.raises(ImageError, match=r"more than 1,048,576 pixels.*refused before decoding"):
         read_picture(bomb)
-    with pytest.raises(ImageError, match="more than 4,000,000 pixels"):
+    with pytest.raises(ImageError, match="more than 1,048,576 pixels"):
         model_input(data_url(bomb), httpx.Client(), label_studio_url=None, api_key=None, size=16)
-    # Far beyond Pillow's own limit too (it raises DecompressionBombError in Image.open).
-    with pytest.raises(ImageError, match="pixel limit"):
+    # Far beyond Pillow's own limit too (Image.open raises DecompressionBombError): refused from
+    # the header before Pillow opens it.
+    with pytest.raises(ImageError, match=r"more than 1,048,576 pixels.*refused before decoding"):
         read_picture(png_bomb(20_000, 20_000))
     with pytest.raises(ImageError, match="more than 100 pixels"):
         read_picture(PNG, max_pixels=100)
 
 
 def test_a_picture_at_the_pixel_limit_costs_little_memory() -> None:
-    """4 megapixels of noise decoded to the model input in a fresh process: the peak RSS grows
-    by far less than the ~400 MB the per-pixel palette match cost before."""
+    """1024 x 1024 pixels of noise (the default WAFER_IMAGE_MAX_PIXELS) decoded to the model
+    input in a fresh process: the peak RSS grows by far less than the ~100 bytes a pixel that
+    the per-pixel palette match cost before (~400 MB at 4 megapixels)."""
     script = """
 import resource, sys, numpy as np
 from backend.images import png_bytes, read_picture, data_url, model_input
 import httpx
-rgb = np.random.default_rng(0).integers(0, 256, size=(2000, 2000, 3), dtype=np.uint8)
+rgb = np.random.default_rng(0).integers(0, 256, size=(1024, 1024, 3), dtype=np.uint8)
 value = data_url(png_bytes(rgb))
 del rgb
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -461,7 +484,7 @@ print(codes.shape, (after - before) // 1024)
     ).stdout.split()
     assert out[:2] == ["(64,", "64)"]
     grown_mb = int(out[2])
-    assert grown_mb < 120, f"decoding a 4-megapixel picture grew the peak RSS by {grown_mb} MB"
+    assert grown_mb < 40, f"decoding a 1-megapixel picture grew the peak RSS by {grown_mb} MB"
 
 
 def test_every_decoder_failure_is_an_image_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1069,7 +1092,7 @@ def test_a_bomb_and_a_dds_between_good_tasks_leave_the_good_ones_their_die_maps(
         classifier = WaferClassifier(network=network, card=card, device=torch.device("cpu"))
         out = predict_tasks(tasks, classifier, label_config, STUDY_RULES[Measure.MARGIN], fetch)
     assert [p.route == ERROR_ROUTE for p in out] == [False, True, True, False]
-    assert "more than 4,000,000 pixels" in (out[1].error or "")
+    assert "more than 1,048,576 pixels" in (out[1].error or "")
     assert "not a picture in an accepted format" in (out[2].error or "")
     direct = classifier.predict_proba(np.stack([resize_nearest(m, size) for m in maps]))
     for p, row in zip([out[0], out[3]], direct, strict=True):
