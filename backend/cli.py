@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,22 @@ from backend.sources.cache import LoadReport
 from backend.splits import SetOrder
 from backend.uncertainty import Measure
 from backend.wafers import WaferMaps
+
+#: Settings whose values `python -m backend settings` never prints.
+SECRET_SETTINGS = frozenset({"LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "WAFER_WEBHOOK_SECRET"})
+
+
+def shown_value(name: str, value: str) -> str:
+    """A setting's value as `settings` prints it: secrets and passwords in URLs as '***'."""
+    if name in SECRET_SETTINGS and value:
+        return "***"
+    parts = urllib.parse.urlsplit(value) if "://" in value else None
+    if parts is not None and parts.password:
+        host = parts.hostname or ""
+        user = parts.username or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -373,7 +390,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "settings":
         for name, text in ENVIRONMENT.items():
-            print(f"{name:18} {os.environ.get(name, '')!r:24} {text}")
+            print(f"{name:18} {shown_value(name, os.environ.get(name, ''))!r:24} {text}")
         print(settings)
         return 0
     labels = _label_config(settings)

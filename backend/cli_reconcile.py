@@ -1,9 +1,11 @@
 """The CLI's `reconcile` command: repair a project's loop by hand. Layer L3.
 
 Runs the same step as every advance job (`backend.jobs.advance`), in this process: repairs
-dead retrain keys and stale locks, queues the retraining of a finished set that no model
-learnt (the worker trains it), and pre-annotates open-set wafers that lack a prediction of the
-served version. Prints what it repaired and each step.
+dead retrain keys and stale locks, has Label Studio recount the annotations of wafers whose
+count disagrees with their annotations (a label counted as 0 keeps its set open), queues the
+retraining of a finished set that no model learnt (the worker trains it), and pre-annotates
+open-set wafers that lack a prediction of the served version. Prints what it repaired and each
+step. The workers run the same for every known project every WAFER_RECONCILE_INTERVAL_S seconds.
 """
 
 from __future__ import annotations

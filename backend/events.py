@@ -18,6 +18,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from backend.loop_keys import opened_key, request_advance
+from backend.project_ids import ProjectIdError, parse_project_id
 
 #: Actions that can finish a set or bring a new one.
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
@@ -33,17 +34,16 @@ class QueueUnavailableError(RuntimeError):
 
 
 def project_of(payload: Mapping[str, Any]) -> int:
-    """The project id of a webhook payload (`project` is an object with `id`, or an id)."""
+    """The project id of a webhook payload (`project` is an object with `id`, or an id), parsed
+    as strictly as every route parses it (`backend.project_ids.parse_project_id`)."""
     project = payload.get("project")
     value = project.get("id") if isinstance(project, Mapping) else project
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if value is None or isinstance(value, bool) or not isinstance(value, int | str):
         raise EventError(f"the {payload.get('action')} payload has no project id")
     try:
-        return int(value)
-    except ValueError:
-        raise EventError(
-            f"the {payload.get('action')} payload's project id {value!r} is not a number"
-        ) from None
+        return parse_project_id(value)
+    except ProjectIdError as exc:
+        raise EventError(f"the {payload.get('action')} payload's project id: {exc}") from None
 
 
 def event_annotations(payload: Mapping[str, Any]) -> list[Mapping[str, Any]]:

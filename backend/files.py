@@ -1,5 +1,5 @@
-"""Files written whole or not at all: the one way this project writes a file that something reads
-back (model versions and cards, CURRENT, stored die maps and set routings, the data cache,
+"""Files written whole or not at all, and read only when they are files: the one way this project
+writes a file that something reads back (model versions and cards, CURRENT, stored die maps and set routings, the data cache,
 picture files, the study's phases). Layer L0 (standard library only; the file system is the
 only outside world it touches, and nothing here decides anything).
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,5 +81,51 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+class NotARegularFileError(OSError):
+    """A path that should hold a file holds a FIFO, a device, a socket or a directory."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The first `limit` + 1 bytes of `path` (following links) when it is a regular file.
+
+    Anything else raises `NotARegularFileError` (an OSError) without being read: opening a FIFO
+    for reading blocks until a writer comes, and a device may never end. The type is checked
+    before opening and again on the open descriptor (opened non-blocking), so a swap between
+    the two cannot block either. FileNotFoundError when there is nothing at `path`.
+    """
+    before = path.stat()
+    if not stat.S_ISREG(before.st_mode):
+        raise NotARegularFileError(f"{path.name} is {_kind(before.st_mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFileError(f"{path.name} is {_kind(mode)}, not a regular file")
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)

@@ -26,7 +26,7 @@ from backend.labelstudio import (
     set_filter,
     unlabelled_filter,
 )
-from backend.loop_keys import job_heartbeat, project_lock
+from backend.loop_keys import HeldLock, job_heartbeat, project_lock
 from backend.model_store import ModelStore
 from backend.settings import Settings
 from backend.wafer_sets import INITIAL_SET
@@ -47,6 +47,8 @@ class JobResources:
     wafers: WaferStore
     #: The rq job this workbench serves (None outside a job, e.g. the reconcile command).
     job_id: str | None = None
+    #: The project lock while `project_lock` holds it (None outside it).
+    held: HeldLock | None = None
 
     @classmethod
     def open(
@@ -77,10 +79,22 @@ class JobResources:
         self.client.close()
 
     @contextmanager
-    def project_lock(self, project: int) -> Iterator[None]:
-        """The project's lock, held by this job (see `backend.loop_keys.project_lock`)."""
-        with project_lock(self.redis, project, self.job_id):
-            yield
+    def project_lock(self, project: int) -> Iterator[HeldLock]:
+        """The project's lock, held by this job (see `backend.loop_keys.project_lock`); the
+        steps inside call `check_lock` before each write."""
+        with project_lock(self.redis, project, self.job_id) as held:
+            self.held = held
+            try:
+                yield held
+            finally:
+                self.held = None
+
+    def check_lock(self, step: str) -> None:
+        """Raise `backend.loop_keys.LockLostError` when the project lock this job holds was lost
+        (it was paused past the lock's expiry): call before each step that writes. Nothing to
+        check outside `project_lock` (a step run on its own, e.g. from a test)."""
+        if self.held is not None:
+            self.held.check(step)
 
 
 def job_redis(settings: Settings) -> tuple[Redis, str | None]:

@@ -13,7 +13,12 @@ wafermap-events wafermap-training``:
 Every advance first repairs what a killed worker or a lost Redis left behind
 (`backend.reconcile`), then decides from Label Studio and the project's model store, never from
 Redis marks: a finished set that no model learnt is retrained, open-set wafers without a
-prediction of the served version are pre-annotated.
+prediction of the served version are pre-annotated. It checks that it still holds the project
+lock before each step that writes, and stops (`LockLostError`) when it does not.
+
+Advances do not wait for events alone: every worker (`WaferWorker`) asks, every
+`WAFER_RECONCILE_INTERVAL_S` seconds (300 by default; one of them does it), for a `sweep_job`
+that requests an advance of every known project, so a lost webhook costs minutes.
 
 The parts live apart: Redis keys and enqueueing in `backend.loop_keys`, the decisions in
 `backend.loop_state`, the job's resources in `backend.job_resources`, the steps in
@@ -23,17 +28,30 @@ The parts live apart: Redis keys and enqueueing in `backend.loop_keys`, the deci
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Worker, get_current_job
+from rq.job import Job
 
-from backend.job_resources import JobResources, loop_position, open_job_resources, untried_wafers
+from backend.job_resources import (
+    JobResources,
+    job_redis,
+    loop_position,
+    open_job_resources,
+    untried_wafers,
+)
+from backend.labelstudio import LabelStudioClient
 from backend.loop_keys import (
+    LockLostError,
     advance_key,
     opened_key,
     release_own,
     request_retrain,
+    request_sweep,
     retrain_key,
 )
 from backend.loop_state import (
@@ -41,8 +59,9 @@ from backend.loop_state import (
     trained_through,
 )
 from backend.preannotation import accept_confident, preannotate_set, unaccepted_wafers
-from backend.reconcile import repair_keys
+from backend.reconcile import repair_keys, repair_label_counts, sweep
 from backend.retraining import retrain
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +69,47 @@ log = logging.getLogger(__name__)
 class WaferWorker(Worker):
     """rq's forking worker, named from this module so the worker process imports the job code
     (and torch, about 4 s) once: ``rq worker -w backend.jobs.WaferWorker ...``. Each job still
-    runs in its own fork, so a crash or a leak in one job does not outlive it."""
+    runs in its own fork, so a crash or a leak in one job does not outlive it.
+
+    It also keeps the loop's timer: every `WAFER_RECONCILE_INTERVAL_S` seconds (read once, at
+    start; 0 turns it off) one worker of all that share the Redis enqueues a `sweep_job`
+    (`backend.loop_keys.request_sweep`). The timer ticks on the worker's own heartbeats: while
+    idle (its wait for a job is cut to the interval) and while a job runs (rq beats every 30 s).
+    The first sweep is due one interval after the worker started. Nothing else changes: the
+    worker is started as before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before rq's own __init__, which reads `dequeue_timeout` (its socket timeout).
+        self.reconcile_interval_s = Settings.from_env(os.environ).reconcile_interval_s
+        self._sweep_not_before = time.monotonic() + self.reconcile_interval_s
+        super().__init__(*args, **kwargs)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        waited = super().dequeue_timeout
+        if self.reconcile_interval_s > 0:
+            return max(1, min(waited, int(self.reconcile_interval_s)))
+        return waited
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None:
+            self._tick()
+
+    def maintain_heartbeats(self, job: Job) -> None:
+        super().maintain_heartbeats(job)
+        self._tick()
+
+    def _tick(self) -> None:
+        """Enqueue the periodic sweep when it is due (never raises: a worker must not die of
+        its timer)."""
+        if self.reconcile_interval_s <= 0 or time.monotonic() < self._sweep_not_before:
+            return
+        try:
+            if request_sweep(self.connection, self.reconcile_interval_s):
+                self.log.info("enqueued the periodic reconcile of every known project")
+        except RedisError as exc:
+            self.log.warning("could not enqueue the periodic reconcile: %s", exc)
 
 
 #: The worker class to name on the command line.
@@ -71,17 +130,34 @@ def retrain_job(project: int, set_number: int) -> dict[str, Any]:
     """rq job: retrain through `set_number`, serve the new version, open the next set.
 
     The set's retrain key is given back when the job ends, however it ends (a failure to even
-    open the workbench included); a job killed outright leaves it to `backend.reconcile`.
+    open the workbench included); a job killed outright leaves it to `backend.reconcile`. A
+    follow-up advance that lost the project lock is reported in the outcome (the new version
+    is served all the same; the next advance opens the next set).
     """
     job = get_current_job()
     try:
         with open_job_resources(project) as resources:
             outcome = retrain(resources, project, set_number)
-            outcome["next"] = advance(resources, project)
+            try:
+                outcome["next"] = advance(resources, project)
+            except LockLostError as exc:
+                log.error("%s", exc)
+                outcome["next"] = {"project": project, "stopped": str(exc)}
             return outcome
     finally:
         if job is not None:
             release_own(job.connection, retrain_key(project, set_number), job.id)
+
+
+def sweep_job() -> dict[str, list[int]]:
+    """rq job: the periodic reconcile (`backend.reconcile.sweep`): one advance requested for
+    every project the loop knows (Redis's list and MODEL_DIR's stores) that Label Studio still
+    has."""
+    settings = Settings.from_env(os.environ)
+    redis, _ = job_redis(settings)
+    url, key = settings.require_label_studio()
+    with LabelStudioClient.connect(url, key) as client:
+        return sweep(redis, settings.model_dir, client.project_exists)
 
 
 # ---- the loop's step ---------------------------------------------------------------------------
@@ -92,7 +168,9 @@ def advance(resources: JobResources, project: int) -> dict[str, Any]:
     Label Studio and the project's model store; pre-annotating may finish a set and so ask to
     retrain. Returns what was repaired and each step taken."""
     repaired = repair_keys(resources.redis, project)
-    with resources.project_lock(project):
+    with resources.project_lock(project) as held:
+        # The decision reads Label Studio's annotation counter: repair it first.
+        repaired += repair_label_counts(resources.client, project, resources.labels, held.check)
         done: list[dict[str, Any]] = []
         for _ in range(2):
             card = resources.store.current_card()
@@ -104,6 +182,7 @@ def advance(resources: JobResources, project: int) -> dict[str, Any]:
             )
             step = decide(finished_through, open_set, untried == 0, trained_through(card))
             if step.action == "retrain" and step.set_number is not None:
+                held.check(f"asking to retrain set {step.set_number}")
                 enqueued = request_retrain(resources.redis, project, step.set_number)
                 done.append({"action": "retrain", "set": step.set_number, "enqueued": enqueued})
                 break
@@ -131,6 +210,7 @@ def advance(resources: JobResources, project: int) -> dict[str, Any]:
                 ):
                     # The pre-annotation stored its predictions but died before pointing the
                     # project at them: the score filter counts only the project's version.
+                    held.check(f"pointing the project at {card.version}")
                     resources.client.set_model_version(project, card.version)
                     repaired.append(f"project model version set to {card.version}")
                 left = unaccepted_wafers(resources.client, project, open_set, routing.cut)
@@ -148,6 +228,7 @@ def advance(resources: JobResources, project: int) -> dict[str, Any]:
                         card.version,
                         resources.auto_user,
                         routing.cut,
+                        check=held.check,
                     )
                     done.append({"action": "accept", "set": open_set, **outcome.__dict__})
             done.append({"action": "wait", "set": step.set_number})

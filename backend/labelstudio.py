@@ -52,7 +52,16 @@ PAGE_SIZE = 500
 EXPORT_TIMEOUT = 3600
 #: Task ids fetched per page by `task_ids` (ids only: small pages would only add round trips).
 ID_PAGE_SIZE = 5000
-#: Label Studio 1.23.2's own Data Manager columns of a task (besides `data.*`, the task data), in
+#: Label Studio 1.23.2's feature flag that turns on its batched `import/predictions` path (an
+#: environment variable of the Label Studio server). Off, every prediction import also
+#: recounts the annotations of EVERY task of the project without a lock (see
+#: `unlabelled_filter`), and validates each prediction on its own (about 5x slower).
+BATCHED_PREDICTION_IMPORT_FLAG = (
+    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+)
+#: The model version of the short-lived predictions `recount_annotations` stores and deletes.
+RECOUNT_VERSION = "wafermap-recount"
+#: Label Studio's own Data Manager columns of a task (besides `data.*`, the task data), in
 #: its order. A tab that names hidden columns shows every other one, these included.
 LABEL_STUDIO_TASK_COLUMNS: tuple[str, ...] = (
     "id",
@@ -132,8 +141,28 @@ def set_filter(set_number: int) -> TaskFilter:
 
 
 def unlabelled_filter() -> TaskFilter:
-    """Tasks without an annotation."""
+    """Tasks without an annotation, by Label Studio's `total_annotations` counter.
+
+    The counter is denormalised and can be wrong: Label Studio 1.23.2 recounts it for the tasks
+    of a prediction import (for EVERY task of the project without the batched-import feature
+    flag, `BATCHED_PREDICTION_IMPORT_FLAG`) by reading the counts, then writing them back without a
+    lock, so a label saved in between is counted as 0. `backend.reconcile.repair_label_counts`
+    finds such tasks from their annotations (`with_annotation_rows`) and has Label Studio
+    recount them (`LabelStudioClient.recount_annotations`)."""
     return TaskFilter("total_annotations", FilterOperator.EQUAL, "Number", 0)
+
+
+def counted_labelled() -> TaskFilter:
+    """Tasks whose `total_annotations` counter says they have an annotation."""
+    return TaskFilter("total_annotations", FilterOperator.GREATER, "Number", 0)
+
+
+def with_annotation_rows(present: bool = True) -> TaskFilter:
+    """Tasks that have (`present`) or lack any annotation, read from the annotations
+    themselves, not from a counter (Label Studio joins the annotations table: "annotators
+    empty"). Cancelled (skipped) annotations count as rows here; an annotation whose author
+    was deleted does not."""
+    return TaskFilter("annotators", FilterOperator.EMPTY, "Boolean", not present)
 
 
 def predicted_by(version: str) -> TaskFilter:
@@ -349,6 +378,46 @@ class LabelStudioClient:
         """
         with self._call(f"setting model version of project {project}"):
             self._sdk.projects.update(id=project, model_version=version)
+
+    def project_exists(self, project: int) -> bool:
+        """Whether Label Studio has the project (False on 404; other failures raise)."""
+        try:
+            with self._call(f"reading project {project}"):
+                self._sdk.projects.get(project)
+        except LabelStudioError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
+    def prediction_import_batched(self, project: int) -> bool | None:
+        """Whether Label Studio imports predictions through its batched path
+        (`BATCHED_PREDICTION_IMPORT_FLAG` on): True, False, or None when its answer is not one of the
+        two known ones.
+
+        Asked by behaviour, with nothing stored: an import naming task 0, which no project
+        has, is refused by both paths before they write, in words that differ (Label Studio
+        1.23.2, `data_import/api.py`): the batched path says "task ID 0 not found in project",
+        the legacy path "couldn't be retrieved from project" (or, with its validation flag,
+        "Invalid task ID 0"). The flag itself is readable only on `/feature-flags/`, a page
+        that does not take API tokens.
+        """
+        probe = [{"task": 0, "result": [], "score": 0.0, "model_version": RECOUNT_VERSION}]
+        try:
+            with self._call(f"probing the prediction import of project {project}"):
+                self._sdk.projects.import_predictions(project, request=cast(Any, probe))
+        except LabelStudioError as exc:
+            text = str(exc)
+            if exc.status_code == 400 and "task ID 0 not found in project" in text:
+                return True
+            # ("be retrieved" without the apostrophe of "couldn't", which Label Studio's error
+            # body may escape.)
+            if exc.status_code == 400 and (
+                "be retrieved from project" in text or "Invalid task ID 0" in text
+            ):
+                return False
+            log.warning("could not tell Label Studio's prediction import path: %s", exc)
+        return None
 
     # ---- storages ---------------------------------------------------------------------------
 
@@ -815,6 +884,48 @@ class LabelStudioClient:
                 if exc.status_code != 404:
                     raise
         return len(predictions)
+
+    def recount_annotations(
+        self, project: int, tasks: Sequence[int], result: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Have Label Studio count the annotations of `tasks` again (its `total_annotations`,
+        `cancelled_annotations` and `total_predictions` counters); returns how many tasks were
+        asked for.
+
+        Label Studio 1.23.2 has no call for that alone. A prediction import recounts the tasks
+        it touches (the whole project without `BATCHED_PREDICTION_IMPORT_FLAG`), so this stores one
+        prediction of `RECOUNT_VERSION` per task (`result` must suit the labeling config) and
+        deletes every prediction of that version again. Re-saving an annotation would recount
+        too, but would make this client's user its `updated_by`, and an engineer's edit of an
+        auto label would then read as an unedited auto label. Annotations are not touched;
+        no webhook fires. Predictions of `RECOUNT_VERSION` left by an earlier call that died
+        midway are deleted as well.
+        """
+        if tasks:
+            self.create_predictions(
+                project,
+                [
+                    {
+                        "task": int(t),
+                        "result": [dict(r) for r in result],
+                        "score": 0.0,
+                        "model_version": RECOUNT_VERSION,
+                    }
+                    for t in tasks
+                ],
+            )
+        self.delete_predictions(self.prediction_ids(project, RECOUNT_VERSION))
+        return len(tasks)
+
+    def prediction_ids(self, project: int, version: str) -> list[int]:
+        """Ids of every prediction of model `version` in the project (one listing of the tasks
+        that hold one; meant for few tasks)."""
+        return sorted(
+            int(p["id"])
+            for t in self.tasks(project, [predicted_by(version)])
+            for p in t.get("predictions") or []
+            if p.get("model_version") == version and p.get("id") is not None
+        )
 
     def update_annotation(self, annotation: int, result: Sequence[Mapping[str, Any]]) -> None:
         """Replace an annotation's result, as this client's user (an engineer's edit).

@@ -12,7 +12,12 @@ Nothing here can stall the loop when a worker dies (SIGKILL, the OOM killer, a l
   thread of the job itself). A key whose job failed, stopped, finished, vanished or stopped
   beating is stale, and the next request for that set replaces it (`release_if_stale`);
 - the project lock (`project_lock`) expires after `LOCK_TTL_S` unless its holder renews it, so
-  a killed holder blocks the next advance for seconds, not hours;
+  a killed holder blocks the next advance for seconds, not hours; a holder that was paused
+  longer than that (SIGSTOP, swapping, a stalled VM) finds out at its next step
+  (`HeldLock.check` raises `LockLostError`) instead of working beside the next holder;
+- every project the loop heard of is remembered (`remember_project`), and the workers ask for a
+  sweep of all of them every `WAFER_RECONCILE_INTERVAL_S` (`request_sweep`), so a lost webhook
+  costs one interval, not forever;
 - Redis itself holds only hints: the loop's truth is in Label Studio and MODEL_DIR, and
   `backend.reconcile` rebuilds whatever Redis lost.
 
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -59,6 +64,16 @@ LOCK_TTL_S = 15
 CLAIM_TTL_S = 30
 #: rq statuses of a job that waits for a worker (alive although nothing runs it yet).
 WAITING = frozenset({JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED})
+#: The periodic reconcile of every known project (see backend.jobs.sweep_job).
+SWEEP_JOB = "backend.jobs.sweep_job"
+#: How long a sweep may run before rq stops it (it only asks for one advance per project).
+SWEEP_TIMEOUT_S = 600
+#: Redis set of every project id the loop heard of (a hint: MODEL_DIR's stores count too).
+KNOWN_PROJECTS_KEY = "wafermap:projects"
+#: Redis key that one worker takes (with an expiry of one interval) to enqueue the next sweep.
+SWEEP_DUE_KEY = "wafermap:sweep:due"
+#: Redis key naming the last sweep job enqueued (a new one waits while it lives).
+SWEEP_JOB_KEY = "wafermap:sweep:job"
 
 
 def retrain_key(project: int, set_number: int) -> str:
@@ -175,6 +190,12 @@ def release_own(redis: Redis, key: str, job_id: str) -> None:
     redis.eval(_DELETE_IF_EQUAL, 1, key, job_id)
 
 
+class LockLostError(RuntimeError):
+    """The project lock this job held expired and may be held by another job now (this job was
+    paused longer than `LOCK_TTL_S`, or Redis lost the key): the job stops instead of working
+    beside the next holder; the next advance redoes whatever it did not finish."""
+
+
 class _Renewer:
     """A daemon thread that calls `renew` every `interval` seconds until stopped."""
 
@@ -231,13 +252,66 @@ def holder_alive(redis: Redis, holder: str) -> bool:
     return process_alive(holder) and (not job_id or job_alive(redis, job_id))
 
 
+class HeldLock:
+    """A project lock held by this process; `check` between steps says whether it still is."""
+
+    def __init__(self, redis: Redis, project: int, token: str) -> None:
+        self.redis = redis
+        self.project = project
+        self.token = token
+        self._lost = threading.Event()
+        self._why = ""
+
+    def lose(self, why: str) -> None:
+        """Mark the lock lost (the renewing thread found another token, or none)."""
+        if not self._lost.is_set():
+            self._why = why
+            self._lost.set()
+            log.error("project %d: the project lock was lost (%s)", self.project, why)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def check(self, step: str = "the next step") -> None:
+        """Raise `LockLostError` unless this process still holds the lock (one Redis GET).
+
+        Call it before each step that writes (to Label Studio, Redis or MODEL_DIR): a holder
+        that was paused past the lock's expiry stops there, before working beside whoever took
+        the lock meanwhile."""
+        if not self._lost.is_set():
+            value = self.redis.get(lock_key(self.project))
+            held = value.decode() if isinstance(value, bytes) else value
+            if held != self.token:
+                self.lose(
+                    "held by another job now" if held is not None else "it expired and is free"
+                )
+        if self._lost.is_set():
+            raise LockLostError(
+                f"project {self.project}: stopping before {step}: this job lost the project "
+                f"lock ({self._why}); it was paused or cut off from Redis for more than "
+                f"{LOCK_TTL_S} s, so another job may be working on the project; the next "
+                "advance finishes what this one did not"
+            )
+
+    def _renew(self, lock: Any) -> None:
+        if self._lost.is_set():
+            return
+        try:
+            lock.reacquire()
+        except LockNotOwnedError:
+            self.lose("it expired before it could be renewed")
+
+
 @contextmanager
-def project_lock(redis: Redis, project: int, job_id: str | None = None) -> Iterator[None]:
-    """One holder per project at a time (blocking until it is free).
+def project_lock(redis: Redis, project: int, job_id: str | None = None) -> Iterator[HeldLock]:
+    """One holder per project at a time (blocking until it is free); yields a `HeldLock`.
 
     The lock expires `LOCK_TTL_S` seconds after its holder stops renewing it (a thread renews
     it every third of that while the block runs), and a waiter breaks it at once when its
     holder is seen dead (`stale_lock`), so a killed holder blocks the next job for seconds.
+    A holder paused longer than the expiry has lost the lock: `HeldLock.check` (called between
+    steps) raises `LockLostError`, and so does leaving the block when nothing else was raised.
     """
     # thread_local=False: the renewing thread must see the token taken here.
     lock = redis.lock(
@@ -246,14 +320,21 @@ def project_lock(redis: Redis, project: int, job_id: str | None = None) -> Itera
     token = lock_owner(job_id)
     while not lock.acquire(blocking=True, token=token):
         stale_lock(redis, project)
+    held = HeldLock(redis, project, token)
+    failed = False
     try:
-        with _Renewer(lock.reacquire, LOCK_TTL_S / 3, lock_key(project)):
-            yield
+        with _Renewer(lambda: held._renew(lock), LOCK_TTL_S / 3, lock_key(project)):
+            yield held
+    except BaseException:
+        failed = True
+        raise
     finally:
         try:
             lock.release()
         except LockError:
-            log.error("the lock of project %d had expired before its holder let go", project)
+            held.lose("it had expired before its holder let go")
+        if held.lost and not failed:
+            held.check("leaving the project lock")
 
 
 def stale_lock(redis: Redis, project: int) -> str | None:
@@ -275,8 +356,59 @@ def stale_lock(redis: Redis, project: int) -> str | None:
     return None
 
 
+def remember_project(redis: Redis, project: int) -> None:
+    """Add the project to the ones the periodic sweep reconciles (`known_projects`)."""
+    redis.sadd(KNOWN_PROJECTS_KEY, str(project))
+
+
+def forget_project(redis: Redis, project: int) -> None:
+    """Drop a project Label Studio no longer knows from the sweep's Redis hint."""
+    redis.srem(KNOWN_PROJECTS_KEY, str(project))
+
+
+def known_projects(redis: Redis, model_dir: Path | None = None) -> list[int]:
+    """Every project the loop heard of (Redis's hint), and, with `model_dir`, every project that
+    has a store under MODEL_DIR/projects/ (its wafers or models): the truth survives a lost
+    Redis. Ascending."""
+    found: set[int] = set()
+    for raw in redis.smembers(KNOWN_PROJECTS_KEY):  # type: ignore[union-attr]
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if text.isdigit() and int(text) >= 1:
+            found.add(int(text))
+    if model_dir is not None:
+        base = Path(model_dir) / "projects"
+        if base.is_dir():
+            found.update(
+                int(p.name) for p in base.iterdir() if p.name.isdigit() and int(p.name) >= 1
+            )
+    return sorted(found)
+
+
+def request_sweep(redis: Redis, interval_s: float) -> bool:
+    """Enqueue one `sweep_job` if none ran for `interval_s` seconds (across every worker: the
+    first to take `SWEEP_DUE_KEY` enqueues it) and the last one no longer waits or runs; True
+    when enqueued. Cheap enough for every worker heartbeat (one SET NX when nothing is due)."""
+    if interval_s <= 0:
+        return False
+    if not redis.set(SWEEP_DUE_KEY, this_process(), nx=True, ex=max(1, round(interval_s))):
+        return False
+    last: Any = redis.get(SWEEP_JOB_KEY)
+    if last is not None and job_alive(redis, last.decode() if isinstance(last, bytes) else last):
+        return False  # the last sweep still waits for a worker (all busy): no pile-up
+    job = Queue(EVENTS_QUEUE, connection=redis).enqueue(
+        SWEEP_JOB,
+        job_timeout=SWEEP_TIMEOUT_S,
+        result_ttl=max(600, round(interval_s) * 2),
+        description="reconcile every known project",
+    )
+    redis.set(SWEEP_JOB_KEY, job.id, ex=max(SWEEP_TIMEOUT_S, round(interval_s)) * 2)
+    return True
+
+
 def request_advance(redis: Redis, project: int) -> bool:
-    """Enqueue one `advance_job` for the project unless one is waiting; True when enqueued."""
+    """Enqueue one `advance_job` for the project unless one is waiting; True when enqueued.
+    The project is remembered for the periodic sweep either way."""
+    remember_project(redis, project)
     if not redis.set(advance_key(project), "1", nx=True, ex=ADVANCE_DEBOUNCE_S):
         return False
     try:

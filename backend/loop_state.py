@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from backend.calibration import calibrate
+from backend.calibration import calibrate, promise_cut
 from backend.label_config import LabelConfig
 from backend.routing import RoutingRule
 from backend.settings import Settings
@@ -255,9 +255,12 @@ def serving_rule(
     """The routing rule in force for wafers with probabilities `probs`.
 
     A fixed WAFER_ROUTE_THRESHOLD wins. Else, with the model's held-out validation wafers in
-    its card and the batch's probabilities, the threshold is calibrated now, to
-    WAFER_TARGET_ACCURACY on THIS batch (its own share of confident wafers). Else the threshold
-    calibrated at training time; else (no validation yet) every wafer goes to engineers.
+    its card and the batch's probabilities, the threshold is calibrated now for THIS batch:
+    with WAFER_PROMISE_CONFIDENCE (default 0.95) so that the batch's own labeling accuracy is
+    at least WAFER_TARGET_ACCURACY with that probability (`backend.calibration.promise_cut`),
+    or, with WAFER_PROMISE_CONFIDENCE=0, so that its expected accuracy is (a Wilson bound per
+    threshold, `calibrate`). Else the threshold calibrated at training time; else (no
+    validation yet) every wafer goes to engineers.
     """
     measure = Measure(settings.route_measure)
     if settings.route_threshold is not None:
@@ -267,13 +270,15 @@ def serving_rule(
     validation = card.validation
     if probs is not None and validation is not None and len(probs):
         stored = Measure(validation.measure)
-        return calibrate(
-            np.asarray(validation.scores, dtype=np.float64),
-            np.asarray(validation.correct, dtype=np.bool_),
-            stored,
-            settings.target_accuracy,
-            new_scores=uncertainty(probs, stored),
-        ).rule
+        scores = np.asarray(validation.scores, dtype=np.float64)
+        correct = np.asarray(validation.correct, dtype=np.bool_)
+        batch = uncertainty(probs, stored)
+        if settings.promise_confidence:
+            promise = promise_cut(
+                scores, correct, batch, settings.target_accuracy, settings.promise_confidence
+            )
+            return RoutingRule(stored, promise.threshold)
+        return calibrate(scores, correct, stored, settings.target_accuracy, new_scores=batch).rule
     if "route_threshold" in card.metrics:
         stored = Measure(card.route_measure or measure.value)
         return RoutingRule(stored, float(card.metrics["route_threshold"]))

@@ -11,9 +11,10 @@ never serves, or counts as learnt, another project's model.
 
 A retraining that crashes (even killed) before `publish` returns leaves CURRENT and every old
 version as they were; a reader never sees a half-written file. A CURRENT that cannot be served
-(a damaged or missing weights file, garbage, a name that is not a version, a path) is never
-trusted: the store serves the newest readable version instead, logs the error once and lists it
-in `problems()`. No file outside the store's directory is ever read, whatever CURRENT or a
+(a damaged or missing weights file, garbage, a name that is not a version, a path, or anything
+but a regular file: a FIFO, a device, a directory) is never trusted, and never read in a way
+that could block: the store serves the newest readable version instead, logs the error once and
+lists it in `problems()`. No file outside the store's directory is ever read, whatever CURRENT or a
 symbolic link in `versions/` says.
 
 Messages meant for HTTP callers (`problems()`, the errors of `card`) name versions, never paths.
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from backend.classifier import WaferClassifier, load_version, read_card, save_version
-from backend.files import atomic_write_text, fsync_dir
+from backend.files import NotARegularFileError, atomic_write_text, fsync_dir, read_regular_file
 from backend.model_card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,20 @@ log = logging.getLogger(__name__)
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _RUNNING_NUMBER = re.compile(r"^v(\d+)-")
 _CURRENT_MAX_BYTES = 256
+#: More than any card holds (its held-out scores included); read only as a regular file.
+_CARD_MAX_BYTES = 256 * 2**20
 # what a damaged or unsuitable weights file raises from torch.load / load_state_dict
 _UNREADABLE = (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError)
 
 _warned_legacy: set[Path] = set()
 _warned_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    """CURRENT exists but cannot be read as a version name: why (no path in it)."""
+
+    reason: str
 
 
 @dataclass
@@ -199,7 +209,7 @@ class ModelStore:
         """
         path = self.card_path_of(version)
         try:
-            return _card_from_json(path.read_bytes())
+            return _card_from_json(read_regular_file(path, _CARD_MAX_BYTES))
         except FileNotFoundError:
             pass  # versions written before the JSON card existed
         except (OSError, ValueError) as exc:
@@ -239,15 +249,18 @@ class ModelStore:
                 files.append((p.name, st.st_ino, st.st_size, st.st_mtime_ns))
         return (self._read_current(), tuple(sorted(files)))
 
-    def _read_current(self) -> bytes | None:
+    def _read_current(self) -> bytes | _Unusable | None:
+        """CURRENT's first bytes; None when there is none; `_Unusable` for anything but a
+        regular file (a FIFO would block the reader, holding the store's lock, for good)."""
         current = self.root / "CURRENT"
         if current.is_symlink() and not current.resolve().is_relative_to(self.root.resolve()):
             return b"<a link leading outside the model directory>"
         try:
-            with current.open("rb") as handle:
-                return handle.read(_CURRENT_MAX_BYTES + 1)
+            return read_regular_file(current, _CURRENT_MAX_BYTES)
         except FileNotFoundError:
             return None
+        except NotARegularFileError as exc:
+            return _Unusable(str(exc).removeprefix("CURRENT "))
         except OSError as exc:
             return f"<unreadable: {type(exc).__name__}>".encode()
 
@@ -263,10 +276,14 @@ class ModelStore:
         raw = fingerprint[0]
         if raw is None:
             return _Served(fingerprint, None, ())
-        assert isinstance(raw, bytes)
         problems: list[str] = []
-        named = self._current_name(raw)
-        if named is None:
+        named = self._current_name(raw) if isinstance(raw, bytes) else None
+        if isinstance(raw, _Unusable):
+            log.error("%s/CURRENT %s: not read", self.root, raw.reason)
+            problems.append(f"CURRENT {raw.reason}")
+        elif not isinstance(raw, bytes):
+            raise TypeError(f"CURRENT read as {type(raw).__name__}")
+        elif named is None:
             log.error("%s/CURRENT does not hold a model version name: %r", self.root, raw[:80])
             problems.append("CURRENT does not name a model version")
         else:
@@ -347,9 +364,11 @@ def _legacy_note(model_dir: Path) -> str | None:
         return None
     owner = "<project id>"
     try:
-        name = (model_dir / "CURRENT").read_text(errors="replace").strip()
+        raw = read_regular_file(model_dir / "CURRENT", _CURRENT_MAX_BYTES)
+        name = raw.decode(errors="replace").strip()
         if VERSION_PATTERN.match(name):
-            card = _card_from_json((model_dir / "versions" / f"{name}.card.json").read_bytes())
+            card_path = model_dir / "versions" / f"{name}.card.json"
+            card = _card_from_json(read_regular_file(card_path, _CARD_MAX_BYTES))
             if card.project is not None:
                 owner = str(card.project)
     except (OSError, ValueError):

@@ -11,9 +11,10 @@ store, one `import_predictions` call per 2,000 wafers, one accept action per set
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from backend.encoding import encode_wafers
 from backend.images import picture_reader
 from backend.job_resources import JobResources
 from backend.labelstudio import (
+    BATCHED_PREDICTION_IMPORT_FLAG,
     FilterOperator,
     LabelStudioClient,
     TaskFilter,
@@ -41,7 +43,9 @@ from backend.predictions import (
     read_pictures,
     to_label_studio,
 )
+from backend.reconcile import repair_label_counts
 from backend.routing import Route, RoutingRule
+from backend.uncertainty import Measure
 from backend.wafer_store import SetRouting
 
 log = logging.getLogger(__name__)
@@ -102,6 +106,13 @@ def _codes_from_pictures(
     return ids, codes, failed
 
 
+def _route_by_cut(p: WaferPrediction, cut: float | None) -> WaferPrediction:
+    """`p` routed by a kept score cut: auto exactly when its score is at least `cut` (the
+    comparison Label Studio's `predictions_score` filter makes in the accept step)."""
+    auto = cut is not None and p.score is not None and p.score >= cut
+    return replace(p, route=Route.AUTO.value if auto else Route.ENGINEER.value)
+
+
 def preannotate_set(
     resources: JobResources, project: int, set_number: int, classifier: WaferClassifier
 ) -> dict[str, Any]:
@@ -111,8 +122,20 @@ def preannotate_set(
 
     Die maps come from the project's wafer store by task id (`backend.wafer_store`); only wafers
     without an entry there are read back from their pictures. No task data is written except
-    for unreadable pictures. The routing (model, rule, score cut) is kept in the wafer store
-    before the accept step, which selects the wafers by `score >= cut` inside Label Studio.
+    for unreadable pictures.
+
+    The set's routing (model, rule, score cut, counts) is decided by the first pass of a model
+    version over the set and kept in the wafer store, once (`WaferStore.keep_routing`), before
+    any prediction is stored. A later pass of the same version (a catch-up of wafers added
+    without their TASKS_CREATED webhook, or a re-run after a crash) scores its wafers by the
+    kept routing's measure and routes them by its kept cut: a handful of new wafers never
+    calibrate a cut of their own, and the set's routing is never rewritten. The accept step
+    selects the wafers by `score >= cut` inside Label Studio.
+
+    Between steps the job checks that it still holds the project lock (`check_lock`). After
+    the predictions are stored, annotation counts that the import's recount got wrong are
+    repaired (`backend.reconcile.repair_label_counts`); a Label Studio without its batched
+    prediction import is reported in the log, loudly, and in the outcome.
     """
     started = time.perf_counter()
     version = classifier.card.version
@@ -135,10 +158,19 @@ def preannotate_set(
         task_ids += more_ids
         if more_codes:
             codes = np.concatenate([codes, np.stack(more_codes)])
+    kept = resources.wafers.routing(set_number, version)
+    if kept is not None and not kept.decided:
+        kept = None  # a first pass that routed no wafer (every picture unreadable)
     chosen: list[RoutingRule] = []
 
     def rule(probs: npt.NDArray[np.float64]) -> RoutingRule:
-        chosen.append(serving_rule(resources.settings, classifier.card, probs))
+        serving = serving_rule(resources.settings, classifier.card, probs)
+        if kept is None:
+            chosen.append(serving)
+        else:
+            # The set's own measure, and no routing here: the kept cut routes (below).
+            measure = Measure(kept.measure) if kept.measure else serving.measure
+            chosen.append(RoutingRule(measure, math.inf))
         return chosen[-1]
 
     predicted: list[WaferPrediction] = []
@@ -148,33 +180,66 @@ def preannotate_set(
             task_ids, codes, classifier, rule, progress=f"predicting set {set_number}"
         )
         cut = routed.cut
+    if kept is not None:
+        cut = kept.cut
+        predicted = [_route_by_cut(p, cut) for p in predicted]
+    auto = sum(p.route == Route.AUTO.value for p in predicted)
     # The routing is kept before any prediction is stored: a crash after the predictions
     # leaves a set whose accept step the next advance finishes with this cut.
-    auto = sum(p.route == Route.AUTO.value for p in predicted)
-    if predicted or resources.wafers.routing(set_number, version) is None:
-        resources.wafers.save_routing(
-            SetRouting(
-                set_number=set_number,
-                model_version=version,
-                rule=chosen[-1].describe() if chosen else "",
-                cut=cut,
-                auto=auto,
-                engineer=len(predicted) - auto,
-                unreadable=len(failed),
-            )
+    resources.check_lock(f"keeping the routing of set {set_number}")
+    if kept is None:
+        first = SetRouting(
+            set_number=set_number,
+            model_version=version,
+            rule=chosen[-1].describe() if chosen else "",
+            cut=cut,
+            auto=auto,
+            engineer=len(predicted) - auto,
+            unreadable=len(failed),
+            measure=chosen[-1].measure.value if chosen else None,
         )
+        if predicted or resources.wafers.routing(set_number, version) is None:
+            resources.wafers.keep_routing(first)
+    batched = None
+    if predicted:
+        batched = resources.client.prediction_import_batched(project)
+        if batched is False:
+            log.warning(
+                "LABEL STUDIO RUNS WITHOUT %s: each prediction import recounts the annotations "
+                "of every task of project %d without a lock, and a label saved meanwhile is "
+                "counted as missing (its set would never finish). The backend repairs such "
+                "counts after each import and on every reconcile, but set the flag to true in "
+                "Label Studio's environment (docker-compose.yml does): it also stores "
+                "predictions about 5 times faster",
+                BATCHED_PREDICTION_IMPORT_FLAG,
+                project,
+            )
+    resources.check_lock(f"storing the predictions of set {set_number}")
     stored_count = resources.client.create_predictions(
         project,
         [{"task": p.task_id, **to_label_studio(p, resources.labels, version)} for p in predicted],
         chunk_size=PREDICTION_CHUNK,
     )
+    recounted = (
+        repair_label_counts(resources.client, project, resources.labels, resources.check_lock)
+        if stored_count
+        else []
+    )
     for p in failed:
         if p.task_id is not None:
+            resources.check_lock(f"marking the unreadable wafers of set {set_number}")
             resources.client.update_task_data(p.task_id, _error_data(p, version))
     if stored_count:
+        resources.check_lock(f"pointing the project at {version}")
         resources.client.set_model_version(project, version)
     accepted = accept_confident(
-        resources.client, project, set_number, version, resources.auto_user, cut
+        resources.client,
+        project,
+        set_number,
+        version,
+        resources.auto_user,
+        cut,
+        check=resources.check_lock,
     )
     # Every wafer of the set was tried (unreadable ones are not tried again on every event).
     resources.redis.hset(opened_key(project), str(set_number), version)
@@ -184,7 +249,8 @@ def preannotate_set(
         "action": "open",
         "set": set_number,
         "model_version": version,
-        "rule": chosen[-1].describe() if chosen else "",
+        "routing": "new" if kept is None else "kept",
+        "rule": kept.rule if kept is not None else (chosen[-1].describe() if chosen else ""),
         "score_cut": cut,
         "predicted": stored_count,
         "from_wafer_store": len(stored),
@@ -193,6 +259,8 @@ def preannotate_set(
         "auto_labels_removed": accepted.annotations_deleted,
         "to_engineers": len(predicted) - auto,
         "unreadable": len(failed),
+        "batched_prediction_import": batched,
+        "label_counts_repaired": recounted,
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info("pre-annotated: %s", outcome)
@@ -283,6 +351,8 @@ def accept_confident(
     version: str,
     auto_user: int,
     cut: float | None,
+    *,
+    check: Callable[[str], None] | None = None,
 ) -> AcceptOutcome:
     """Accept the set's auto-routed wafers that nobody labelled, each exactly once.
 
@@ -310,19 +380,29 @@ def accept_confident(
     unlabelled wafers before the action minus those after (engineers labelling meanwhile
     shift it). `cut` None (every wafer to engineers) accepts nothing.
 
+    `check` (the job's project-lock check) runs before each of the three writes.
+
     Measured (Label Studio 1.23.2 on PostgreSQL 15, 2 cores): the action on a set of 17,295
     wafers accepted 15,219 in 25.2 s (600 wafers/s).
     """
+
+    def step(what: str) -> None:
+        if check is not None:
+            check(f"{what} of set {set_number}")
+
     several = TaskFilter("total_predictions", FilterOperator.GREATER, "Number", 1)
     crowded = client.tasks(project, [set_filter(set_number), unlabelled_filter(), several])
     surplus = [i for t in crowded for i in surplus_predictions(t, version)]
     if surplus:
         log.info("set %d: deleting %d surplus predictions", set_number, len(surplus))
+        step("deleting surplus predictions")
     deleted = client.delete_predictions(surplus)
     before = unaccepted_wafers(client, project, set_number, cut)
     if before and cut is not None:
+        step("the accept step")
         client.accept_predictions_where(project, auto_routed(set_number, cut), version)
     after = unaccepted_wafers(client, project, set_number, cut) if before else 0
+    step("removing misplaced auto labels")
     removed = repair_auto_labels(client, project, set_number, auto_user)
     return AcceptOutcome(
         accepted=before - after, predictions_deleted=deleted, annotations_deleted=removed

@@ -5,7 +5,6 @@ Layer L2 (Label Studio client + model store + the loop's bookkeeping from backen
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from backend.loop_state import SetState
 from backend.model_store import ModelStore
 from backend.settings import Settings
 from backend.wafer_sets import INITIAL_SET
+from backend.webhook_auth import webhook_headers, webhook_token
 
 #: Data Manager tabs the set-up command creates (title -> purpose).
 ENGINEER_VIEW = "Engineer queue: most uncertain first"
@@ -110,6 +110,8 @@ def wire_project(
 ) -> Wiring:
     """Find or create the project, connect the backend, register its webhook, make the views.
 
+    The webhook carries ``Authorization: Bearer <token>`` (`backend.webhook_auth`), which opens
+    the backend's ``/webhook`` only, and no header at all when the backend has no credentials.
     Idempotent: running it again changes nothing that is already right. The labeling config
     comes from LABEL_CONFIG (label_config.xml); an existing project must have the same
     failure types.
@@ -135,10 +137,10 @@ def wire_project(
         backend_id = int(existing[0]["id"])
     else:
         backend_id = client.connect_ml_backend(project, url, BACKEND_TITLE, settings.basic_auth)
-    headers: dict[str, str] = {}
-    if settings.basic_auth is not None:
-        token = base64.b64encode(":".join(settings.basic_auth).encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
+    # The webhook carries its own token, never the Basic pair: Label Studio shows webhook
+    # headers to every project member. Registering again replaces the headers stored before
+    # (a Basic header of an older setup-project included).
+    headers = webhook_headers(webhook_token(settings.basic_auth, settings.webhook_secret))
     webhook = client.register_webhook(project, f"{url}/webhook", headers)
     # The backend's account (whose labels are the auto labels): this client's user by default.
     backend_user = client.current_user_id() if auto_user is None else auto_user

@@ -5,9 +5,15 @@ request (batched, a few milliseconds per wafer) but never trains there: webhooks
 `backend.events`, which queues jobs for the rq worker.
 
 Each Label Studio project has its own models (`ModelStore.for_project`: MODEL_DIR/projects/<id>/);
-the project comes with every /setup, /predict and /versions call as "<id>.<created timestamp>".
-A project's served model is whatever its CURRENT names; a retraining in the worker switches it
-and the next request reads it.
+the project comes with every /setup, /predict and /versions call as "<id>.<created timestamp>",
+parsed by `backend.project_ids.parse_project_id` (the webhooks' parser too). A project's served
+model is whatever its CURRENT names; a retraining in the worker switches it and the next
+request reads it.
+
+Only /setup and /predict of a project with a model directory open its store, which keeps its
+served model in memory (the `MAX_OPEN_STORES` used last). /health, /metrics and /versions read
+CURRENT and the model cards, never the weights, and never open a store: with more projects
+than open stores, each /health used to load every project's weights again.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from backend.classifier import pick_device
 from backend.events import EventError, QueueUnavailableError, handle_event
+from backend.files import NotARegularFileError, read_regular_file
 from backend.images import picture_reader
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.loop_keys import QUEUES
 from backend.loop_state import serving_rule, set_number_of, trained_through
-from backend.model_store import ModelStore
+from backend.model_card import ModelCard
+from backend.model_store import VERSION_PATTERN, ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
+from backend.project_ids import ProjectIdError, parse_project_id
 from backend.settings import Settings
 from backend.wafer_store import WaferStore
 
@@ -43,27 +52,21 @@ log = logging.getLogger(__name__)
 NO_MODEL = "no-model-yet"
 #: Stores (each with its loaded model) kept in memory; the least recently used one goes first.
 MAX_OPEN_STORES = 16
-#: Label Studio project ids are database integers.
-MAX_PROJECT_ID = 2**63 - 1
 #: Failed tasks quoted in the one log line a /predict writes about its failures.
 QUOTED_ERRORS = 3
 #: How long /health waits for a fresh look at the model stores before it answers with the last
-#: one (Label Studio gives /health 1 s; loading a newly published model can take longer).
+#: one (Label Studio gives /health 1 s).
 HEALTH_WAIT_S = 0.7
+#: Bytes of CURRENT read at most (a version name is at most 100 characters).
+_CURRENT_MAX_BYTES = 256
 
 
-def parse_project_id(value: str | int | None) -> int:
-    """The project id in what Label Studio sends ("<id>.<created timestamp>", or the bare id);
-    BadRequest saying what is wrong otherwise."""
-    if value is None or value == "":
-        raise BadRequest("the request names no Label Studio project ('project' is missing)")
-    text = str(value).split(".", 1)[0].strip()
-    if not (text.isascii() and text.isdigit() and len(text) <= 19):
-        raise BadRequest(f"'project' must be '<id>.<timestamp>' or an id, got {str(value)[:40]!r}")
-    number = int(text)
-    if not 1 <= number <= MAX_PROJECT_ID:
-        raise BadRequest(f"not a Label Studio project id: {number}")
-    return number
+def project_number(value: str | int | None) -> int:
+    """The project id in what Label Studio sends; BadRequest saying what is wrong otherwise."""
+    try:
+        return parse_project_id(value)
+    except ProjectIdError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def failure_summary(predictions: list[WaferPrediction]) -> str | None:
@@ -104,22 +107,28 @@ class WaferLabelingService:
             self._stores.move_to_end(project)
             return store
 
-    def _known_projects(self) -> list[int]:
-        with self._stores_lock:
-            opened = set(self._stores)
-        return sorted(opened | set(ModelStore.projects(self.settings.model_dir)))
+    def _look_only(self, project: int) -> ModelStore:
+        """A store to read CURRENT, versions and cards from, never cached (nor its model)."""
+        return ModelStore.for_project(self.settings.model_dir, project, self.device)
+
+    def _has_models(self, project: int) -> bool:
+        """Whether the project has a model directory (unknown ids open no store)."""
+        return self._look_only(project).root.is_dir()
 
     # ---- MLBackend ------------------------------------------------------------------------
 
     def model_version(self, project: str | int | None) -> str:
         """The version a project's predictions carry (what /setup reports)."""
-        return self.store(parse_project_id(project)).current_version() or NO_MODEL
+        number = project_number(project)
+        if not self._has_models(number):
+            return NO_MODEL
+        return self.store(number).current_version() or NO_MODEL
 
     def health(self) -> dict[str, Any]:
         """Each project's served version and every store problem (a CURRENT that cannot be
-        served, old single-project models). Reads no network, and answers within
-        HEALTH_WAIT_S: the look at the stores (which loads a newly published model) runs in a
-        thread of its own, and when it takes longer the previous look is reported."""
+        served, old single-project models), from CURRENT and the cards. Reads no network, and
+        answers within HEALTH_WAIT_S: the look at the stores runs in a thread of its own, and
+        when it takes longer (a slow disk) the previous look is reported."""
         with self._health_lock:
             check = self._health_check
             if check is None or not check.is_alive():
@@ -133,10 +142,10 @@ class WaferLabelingService:
         projects: dict[str, str] = {}
         problems: list[str] = []
         try:
-            for project in self._known_projects():
-                store = self.store(project)
-                projects[str(project)] = store.current_version() or NO_MODEL
-                problems.extend(f"project {project}: {p}" for p in store.problems())
+            for project in ModelStore.projects(self.settings.model_dir):
+                served, found = served_by_card(self._look_only(project))
+                projects[str(project)] = served or NO_MODEL
+                problems.extend(f"project {project}: {p}" for p in found)
         except (OSError, ValueError, RuntimeError) as exc:
             log.error("cannot look at the model stores: %s: %s", type(exc).__name__, exc)
             problems.append(f"the model stores cannot be read ({type(exc).__name__})")
@@ -164,8 +173,9 @@ class WaferLabelingService:
         trained-through set + 1) gets an entry without a result, which Label Studio does not
         store: an engineer who opens such a task early would otherwise leave an old model's
         prediction on it, beside the one its set gets when it is opened."""
-        number = parse_project_id(project)
-        classifier = self.store(number).load_current()
+        number = project_number(project)
+        has_models = self._has_models(number)
+        classifier = self.store(number).load_current() if has_models else None
         if classifier is None:
             message = f"no model is trained yet for project {number}: import its initial set first"
             return [{"model_version": NO_MODEL, "error": message} for _ in tasks]
@@ -200,9 +210,12 @@ class WaferLabelingService:
 
     def versions(self, project: str | None) -> list[str]:
         """The project's stored versions, oldest first; always holding what /setup reports."""
-        store = self.store(parse_project_id(project))
+        number = project_number(project)
+        if not self._has_models(number):
+            return [NO_MODEL]
+        store = self._look_only(number)
         found = store.versions()
-        served = store.current_version() or NO_MODEL
+        served = served_by_card(store)[0] or NO_MODEL
         return found if served in found else [*found, served]
 
     def webhook(self, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,12 +231,13 @@ class WaferLabelingService:
         """Per project: the served version and every stored version with its card (a version
         whose card cannot be read is listed with an error, never a failure)."""
         projects: dict[str, Any] = {}
-        for project in self._known_projects():
-            store = self.store(project)
+        for project in ModelStore.projects(self.settings.model_dir):
+            store = self._look_only(project)
+            served, problems = served_by_card(store)
             projects[str(project)] = {
-                "model_version": store.current_version() or NO_MODEL,
+                "model_version": served or NO_MODEL,
                 "versions": [_version_facts(store, name) for name in store.versions()],
-                "problems": store.problems(),
+                "problems": problems,
             }
         queues: dict[str, Any] = {}
         try:
@@ -232,6 +246,19 @@ class WaferLabelingService:
         except RedisError as exc:
             queues = {"error": f"Redis is not reachable: {type(exc).__name__}"}
         return {"projects": projects, "queues": queues}
+
+    def served_card(self, project: int) -> ModelCard | None:
+        """The card of the version `project` serves, read from CURRENT and the cards only (for
+        `/metrics`); None when it serves none or the card cannot be read."""
+        store = self._look_only(project)
+        name, _ = served_by_card(store)
+        if name is None:
+            return None
+        try:
+            return store.card(name)
+        except (OSError, ValueError) as exc:
+            log.warning("project %d: the card of %s cannot be read: %s", project, name, exc)
+            return None
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -270,3 +297,62 @@ def _version_facts(store: ModelStore, name: str) -> dict[str, Any]:
         }
     except (ValueError, TypeError, OverflowError) as exc:
         return {"version": name, "error": f"the model card is unreadable: {exc}"}
+
+
+def served_by_card(store: ModelStore) -> tuple[str | None, list[str]]:
+    """The version `store` serves and what is wrong with it, read from CURRENT and the cards
+    only (a card that is missing or damaged is read from its weights instead).
+
+    CURRENT's version is served when its weights file is there and its card names it; else the
+    newest version with a readable card, as the store itself would choose (it can differ only
+    when a weights file is damaged under a good card, which the first /predict then finds).
+    """
+    legacy = [store.legacy_note] if store.legacy_note is not None else []
+    name, problem = _current_name(store)
+    if name is None and problem is None:
+        return None, legacy  # no model published yet
+    if name is not None:
+        trouble = _why_not_servable(store, name)
+        if trouble is None:
+            return name, legacy
+        problem = f"model version {name} named in CURRENT {trouble}"
+    for version in reversed(store.versions()):
+        if version != name and _why_not_servable(store, version) is None:
+            return version, [f"{problem}; serving {version} instead", *legacy]
+    return None, [f"{problem}; no other version is readable, so no model is served", *legacy]
+
+
+def _current_name(store: ModelStore) -> tuple[str | None, str | None]:
+    """(CURRENT's version name, None), (None, what is wrong with CURRENT), or (None, None)
+    before the first model."""
+    current = store.root / "CURRENT"
+    try:
+        if current.is_symlink() and not current.resolve().is_relative_to(store.root.resolve()):
+            return None, "CURRENT leads outside the model directory"
+        raw = read_regular_file(current, _CURRENT_MAX_BYTES)  # a FIFO would block for good
+    except FileNotFoundError:
+        return None, None
+    except NotARegularFileError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"CURRENT is unreadable ({type(exc).__name__})"
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if len(raw) > _CURRENT_MAX_BYTES or not VERSION_PATTERN.match(name):
+        return None, "CURRENT does not name a model version"
+    return name, None
+
+
+def _why_not_servable(store: ModelStore, version: str) -> str | None:
+    """Why `version` cannot be served, judged by its files and card; None when it can."""
+    try:
+        if not store.path_of(version).is_file():
+            return "does not exist"
+        card = store.card(version)
+    except ValueError:
+        return "is unreadable (damaged card and weights)"
+    if card.version != version:
+        return f"holds another version ({card.version})"
+    return None

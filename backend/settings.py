@@ -37,17 +37,22 @@ ENVIRONMENT = {
     "WAFER_BACKEND_URL": "where Label Studio reaches this backend (default http://127.0.0.1:9090)",
     "WAFER_TARGET_ACCURACY": "labeling accuracy the auto-accept threshold is calibrated to (default 0.995)",
     "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence or entropy",
+    "WAFER_PROMISE_CONFIDENCE": "probability with which each set's labeling accuracy meets WAFER_TARGET_ACCURACY (default 0.95; 0: calibrate the expected accuracy instead)",
     "WAFER_ROUTE_THRESHOLD": "fixed threshold on that measure instead of calibration (engineer when above)",
     "WAFER_EPOCHS": "training epochs per retraining (default 5)",
     "WAFER_VALIDATION_FRACTION": "share of annotated wafers held out to calibrate the threshold (default 0.15)",
     "WAFER_IMAGE_HOSTS": "comma-separated hosts task pictures may come from besides Label Studio (default none; e.g. images.fab.local,*.cdn.fab.local)",
-    "WAFER_IMAGE_MAX_PIXELS": "largest task picture decoded, in pixels, checked before decoding (default 4000000)",
+    "WAFER_IMAGE_MAX_PIXELS": "largest task picture decoded, in pixels, checked before decoding (default 1048576: 1024 x 1024, 7 times the largest wafer picture)",
+    "WAFER_REQUEST_MAX_PIXELS": "pixels one /predict may hand to a general image decoder, summed over its tasks (default 100000000); later tasks get an error and are asked again; our own palette PNGs are not counted",
     "WAFER_IMAGE_MAX_MB": "largest task picture downloaded, in MiB (default 16)",
     "WAFER_IMAGE_TIMEOUT": "seconds one picture download may take in all, redirects included (default 10)",
     "WAFER_MAX_REQUEST_MB": "largest request body the backend reads, in MiB (default 64; more is answered 413)",
     "WAFER_MAX_TASKS": "most tasks in one /predict (default 20000; more is answered 400)",
     "WAFER_PREDICT_REQUESTS": "/predict requests the backend takes at once (default 20; more are answered 503); keep below gunicorn's --threads (24)",
     "WAFER_REQUIRE_AUTH": "true: refuse to start without BASIC_AUTH_USER/BASIC_AUTH_PASS (set in the Docker image)",
+    "WAFER_WEBHOOK_SECRET": "token Label Studio's webhooks carry (Authorization: Bearer), opening /webhook only (default: derived from BASIC_AUTH_PASS; unused without credentials)",
+    "WAFER_REQUEST_MEMORY_MB": "memory all request bodies being read and parsed may take together, in MiB (default 1024; a body that alone needs more is answered 413, one that must wait 503)",
+    "WAFER_RECONCILE_INTERVAL_S": "seconds between the workers' reconciles of every known project, which redo whatever lost webhooks left undone (default 300; 0 turns it off)",
 }
 
 #: Uncertainty measures a routing rule can use (the values of backend.uncertainty.Measure).
@@ -103,24 +108,35 @@ class Settings:
     model_dir: Path = REPO_ROOT / "models"
     label_studio_url: str = "http://127.0.0.1:8080"
     label_studio_api_key: str = field(default="", repr=False)
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)
     backend_url: str = "http://127.0.0.1:9090"
     target_accuracy: float = 0.995
+    #: P(a set's labeling accuracy >= target_accuracy) the cut keeps (0: expected accuracy).
+    promise_confidence: float = 0.95
     route_measure: str = "margin"
     route_threshold: float | None = None
     epochs: int = 5
     validation_fraction: float = 0.15
     image_hosts: tuple[str, ...] = ()
-    image_max_pixels: int = 4_000_000
+    #: 1024 x 1024: 7 times the largest picture `render_picture` draws (384 x 384).
+    image_max_pixels: int = 1024 * 1024
     image_max_bytes: int = 16 * 2**20
     image_timeout_s: float = 10.0
+    #: Pixels of one /predict for a general decoder: ~680 pictures of 384 x 384, ~1.5-3 s of
+    #: Pillow at 15-30 ns a pixel (`backend.images.request_pixel_budget`).
+    request_max_pixels: int = 100_000_000
     max_request_bytes: int = 64 * 2**20
     max_tasks: int = 20_000
     predict_requests: int = 20
     require_auth: bool = False
+    webhook_secret: str = field(default="", repr=False)
+    #: Bodies being read plus what parsing them will take (`backend.app.parse_cost`), together.
+    request_memory_bytes: int = 1024 * 2**20
     #: Label Studio's LOCAL_FILES_DOCUMENT_ROOT, where `--pictures` folders must lie.
     local_files_root: Path | None = None
+    #: Seconds between the rq workers' sweeps of every known project (0: none).
+    reconcile_interval_s: int = 300
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -129,6 +145,11 @@ class Settings:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+        if self.promise_confidence and not 0.5 <= self.promise_confidence < 1.0:
+            raise ValueError(
+                "WAFER_PROMISE_CONFIDENCE must be 0 (off) or within [0.5, 1), "
+                f"got {self.promise_confidence}"
+            )
         if not 0.0 < self.target_accuracy < 1.0:
             raise ValueError(f"target accuracy must be within (0, 1), got {self.target_accuracy}")
         if self.route_measure not in ROUTE_MEASURES:
@@ -143,10 +164,20 @@ class Settings:
             raise ValueError(
                 f"the request limit must be at least 1 KiB, got {self.max_request_bytes}"
             )
+        if self.reconcile_interval_s < 0:
+            raise ValueError(
+                f"WAFER_RECONCILE_INTERVAL_S must be 0 (off) or more, got {self.reconcile_interval_s}"
+            )
+        if self.request_memory_bytes < 2**20:
+            raise ValueError("WAFER_REQUEST_MEMORY_MB must be at least 1")
         if self.max_tasks < 1 or self.predict_requests < 1:
             raise ValueError("WAFER_MAX_TASKS and WAFER_PREDICT_REQUESTS must be at least 1")
         if self.image_max_pixels < 1 or self.image_max_bytes < 1:
             raise ValueError("WAFER_IMAGE_MAX_PIXELS and WAFER_IMAGE_MAX_MB must be at least 1")
+        if self.request_max_pixels < 1:
+            raise ValueError(
+                f"WAFER_REQUEST_MAX_PIXELS must be at least 1, got {self.request_max_pixels}"
+            )
         if not 0.0 < self.image_timeout_s <= 600.0:
             raise ValueError(
                 f"WAFER_IMAGE_TIMEOUT must be within (0, 600] seconds, got {self.image_timeout_s}"
@@ -181,6 +212,7 @@ class Settings:
             basic_auth=_basic_auth(environ),
             backend_url=(environ.get("WAFER_BACKEND_URL") or cls.backend_url).rstrip("/"),
             target_accuracy=_float(environ, "WAFER_TARGET_ACCURACY", 0.995) or 0.995,
+            promise_confidence=_float(environ, "WAFER_PROMISE_CONFIDENCE", 0.95) or 0.0,
             route_measure=_choice(environ, "WAFER_ROUTE_MEASURE", "margin", ROUTE_MEASURES),
             route_threshold=_float(environ, "WAFER_ROUTE_THRESHOLD", None),
             epochs=_int(environ, "WAFER_EPOCHS", 5),
@@ -189,10 +221,14 @@ class Settings:
             image_max_pixels=_int(environ, "WAFER_IMAGE_MAX_PIXELS", cls.image_max_pixels),
             image_max_bytes=_int(environ, "WAFER_IMAGE_MAX_MB", 16) * 2**20,
             image_timeout_s=_float(environ, "WAFER_IMAGE_TIMEOUT", 10.0) or 0.0,
+            request_max_pixels=_int(environ, "WAFER_REQUEST_MAX_PIXELS", cls.request_max_pixels),
             max_request_bytes=_int(environ, "WAFER_MAX_REQUEST_MB", 64) * 2**20,
             max_tasks=_int(environ, "WAFER_MAX_TASKS", 20_000),
             predict_requests=_int(environ, "WAFER_PREDICT_REQUESTS", 20),
             require_auth=_flag(environ, "WAFER_REQUIRE_AUTH"),
+            webhook_secret=environ.get("WAFER_WEBHOOK_SECRET", ""),
+            request_memory_bytes=_int(environ, "WAFER_REQUEST_MEMORY_MB", 1024) * 2**20,
+            reconcile_interval_s=_int(environ, "WAFER_RECONCILE_INTERVAL_S", 300),
             local_files_root=Path(environ["LOCAL_FILES_DOCUMENT_ROOT"]).expanduser()
             if environ.get("LOCAL_FILES_DOCUMENT_ROOT")
             else None,

@@ -33,7 +33,11 @@ import numpy as np
 import numpy.typing as npt
 
 from backend.encoding import encode_wafers
-from backend.files import atomic_write_text, atomic_writer
+from backend.files import (
+    atomic_write_text,
+    atomic_writer,
+    read_regular_file,
+)
 from backend.wafers import WaferMaps
 
 log = logging.getLogger(__name__)
@@ -41,13 +45,17 @@ log = logging.getLogger(__name__)
 _CHUNK_NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
 _SET_NAME = re.compile(r"^set-(\d+)$")
 _ARRAYS = ("task_ids", "sources", "wafer_ids", "lots", "wafer_index", "flat", "offsets", "shapes")
+_ROUTING_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class SetRouting:
     """How the pre-annotation routed a set: with which model and rule, and the prediction score
-    `cut` at and above which a wafer is auto-labelled (None: every wafer to engineers). Kept so
-    that an accept step that did not finish can be finished later with the same cut."""
+    `cut` at and above which a wafer is auto-labelled (None: every wafer to engineers). Kept
+    once per model version (`WaferStore.keep_routing`): an accept step that did not finish is
+    finished later with the same cut, and wafers added to the set later (a lost TASKS_CREATED)
+    are routed by it too. `measure` is the uncertainty measure the scores are stated in
+    (None in routings kept before it was recorded); the counts are those of the first pass."""
 
     set_number: int
     model_version: str
@@ -56,6 +64,13 @@ class SetRouting:
     auto: int
     engineer: int
     unreadable: int
+    measure: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the pass routed any wafer (one whose every picture was unreadable decided
+        no cut, and a later pass of the same version may decide it)."""
+        return self.auto + self.engineer > 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)
@@ -72,6 +87,7 @@ class SetRouting:
             auto=int(data.get("auto", 0)),
             engineer=int(data.get("engineer", 0)),
             unreadable=int(data.get("unreadable", 0)),
+            measure=None if data.get("measure") is None else str(data["measure"]),
         )
 
 
@@ -143,16 +159,30 @@ class WaferStore:
         return path
 
     def save_routing(self, routing: SetRouting) -> None:
-        """Keep the set's routing (atomically replacing an earlier one)."""
+        """Write the set's routing (atomically replacing an earlier one, whatever its model
+        version: the loop itself keeps a routing once per version with `keep_routing`)."""
         folder = self.set_dir(routing.set_number)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "routing.json", routing.to_json())
 
+    def keep_routing(self, routing: SetRouting) -> SetRouting:
+        """The set's routing by `routing.model_version`, written once: an existing readable one
+        of that version that routed any wafer (`SetRouting.decided`) is returned unchanged (a
+        catch-up pre-annotation of wafers added later never rewrites the set's cut or counts);
+        otherwise `routing` is written and returned. Callers hold the project lock, so no two
+        writers race here."""
+        kept = self.routing(routing.set_number, routing.model_version)
+        if kept is not None and kept.decided:
+            return kept
+        self.save_routing(routing)
+        return routing
+
     def routing(self, set_number: int, model_version: str) -> SetRouting | None:
-        """The set's routing by `model_version`, or None when there is none (or it is unreadable)."""
+        """The set's routing by `model_version`, or None when there is none (or it is unreadable,
+        which includes anything but a regular file: a FIFO there never blocks the loop)."""
         path = self.set_dir(set_number) / "routing.json"
         try:
-            found = SetRouting.from_json(path.read_text())
+            found = SetRouting.from_json(read_regular_file(path, _ROUTING_MAX_BYTES).decode())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -224,7 +254,7 @@ class WaferStore:
         folder = self.set_dir(set_number)
         if not folder.is_dir():
             return []
-        files = [p for p in folder.iterdir() if _CHUNK_NAME.match(p.name)]
+        files = [p for p in folder.iterdir() if _CHUNK_NAME.match(p.name) and p.is_file()]
         return sorted(files, key=lambda p: int(_CHUNK_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
 
     def read_set(self, set_number: int, classes: Sequence[str]) -> StoredWafers:

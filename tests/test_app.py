@@ -15,7 +15,15 @@ import pytest
 from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from backend.app import MLBackend, RequestLimits, create_app
+from backend.app import (
+    MemoryBudget,
+    MLBackend,
+    RequestLimits,
+    RequestRules,
+    create_app,
+    parse_cost,
+    request_rules,
+)
 
 USER, PASSWORD = "labeler", "s3cret-pass"
 LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -244,10 +252,29 @@ def test_webhook_without_an_action(client: FlaskClient, fake: FakeBackend, paylo
     assert fake.calls == []
 
 
-def test_metrics(client: FlaskClient) -> None:
-    response = client.get("/metrics")
+def test_metrics_json(client: FlaskClient) -> None:
+    response = client.get("/metrics.json")
     assert response.status_code == 200
     assert response.json == {"model_version": "wafer-v1", "predictions": 3}
+
+
+def test_metrics_are_prometheus_text_counting_requests_and_wafers(client: FlaskClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert client.post("/predict", json={"tasks": [{"data": {}}] * 3}).status_code == 200
+    client.get("/health")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=0.0.4")
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.get_data(as_text=True))
+        for s in family.samples
+    }
+    post = (("method", "POST"), ("route", "/predict"), ("status", "200"))
+    assert found[("wafer_http_requests_total", post)] == 1
+    assert found[("wafer_http_request_duration_seconds_count", (("route", "/health"),))] == 1
+    assert found[("wafer_predicted_wafers_total", ())] == 3
 
 
 def test_unknown_routes_and_methods_answer_json(client: FlaskClient) -> None:
@@ -420,6 +447,7 @@ def test_health_needs_no_credentials(locked: FlaskClient) -> None:
 
 ROUTES = [
     ("GET", "/metrics", None),
+    ("GET", "/metrics.json", None),
     ("POST", "/setup", {"project": "1.1", "schema": "<View/>"}),
     ("POST", "/predict", PREDICT_BODY),
     ("POST", "/webhook", {"action": "START_TRAINING", "project": {"id": 1}}),
@@ -497,5 +525,139 @@ def test_app_is_a_flask_app(fake: FakeBackend) -> None:
         "/predict",
         "/webhook",
         "/metrics",
+        "/metrics.json",
         "/versions",
     }
+
+
+# ---- issue 15: what the head decides, per-route limits, memory, the webhook's own token -------
+
+WEBHOOK_TOKEN = "hook-token-abc"
+
+
+@pytest.fixture
+def hooked(fake: FakeBackend) -> flask.Flask:
+    return create_app(as_backend(fake), basic_auth=(USER, PASSWORD), webhook_token=WEBHOOK_TOKEN)
+
+
+def test_health_without_credentials_says_only_that_it_is_up(hooked: flask.Flask) -> None:
+    client = hooked.test_client()
+    assert client.get("/health").json == {"status": "UP", "model_class": "FakeBackend"}
+    bearer = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+    assert set(client.get("/health", headers=bearer).json or {}) == {"status", "model_class"}
+    full = client.get("/health", headers=basic(USER, PASSWORD)).json
+    assert full is not None and full["projects"] == {"1": "wafer-v1"}
+
+
+def test_the_webhook_token_opens_the_webhook_and_nothing_else(
+    hooked: flask.Flask, fake: FakeBackend
+) -> None:
+    client = hooked.test_client()
+    bearer = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+    event = {"action": "START_TRAINING", "project": {"id": 1}}
+    assert client.post("/webhook", json=event, headers=bearer).status_code == 200
+    assert client.post("/webhook", json=event, headers=basic(USER, PASSWORD)).status_code == 200
+    for headers in ({"Authorization": "Bearer hook-token-abd"}, {"Authorization": "Bearer"}, {}):
+        assert client.post("/webhook", json=event, headers=headers).status_code == 401
+    for method, path, body in ROUTES:
+        if path != "/webhook":
+            refused = client.open(path, method=method, json=body, headers=bearer)
+            assert refused.status_code == 401, path
+    assert client.get("/versions", headers=bearer).status_code == 401
+    assert [c[0] for c in fake.calls] == ["webhook", "webhook"]
+
+
+def test_an_open_backend_needs_no_webhook_token(client: FlaskClient) -> None:
+    event = {"action": "START_TRAINING", "project": {"id": 1}}
+    assert client.post("/webhook", json=event).status_code == 200
+    assert client.get("/health").json == {
+        "status": "UP",
+        "model_class": "FakeBackend",
+        "projects": {"1": "wafer-v1"},
+        "problems": [],
+    }
+
+
+def test_setup_and_versions_take_small_bodies_webhooks_large_ones(
+    client: FlaskClient, fake: FakeBackend
+) -> None:
+    """Label Studio batches up to 5,000 tasks with their data into one webhook, so /webhook
+    takes as much as /predict; /setup and /versions take 1 MiB."""
+    padding = " " * (2 * 2**20)
+    setup = client.post("/setup", data='{"schema": "<View/>"}' + padding)
+    assert setup.status_code == 413
+    assert setup.json is not None and "1 MiB, the most /setup takes" in setup.json["error"]
+    versions = client.open("/versions", method="GET", data='{"project": "1"}' + padding)
+    assert versions.status_code == 413
+    hook = client.post("/webhook", data='{"action": "TASKS_CREATED"}' + padding)
+    assert hook.status_code == 200
+    assert [c[0] for c in fake.calls] == ["webhook"]
+
+
+class _Chunks(io.RawIOBase):
+    """A chunked body as a server that decodes chunks hands it over (no Content-Length)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize(("extra", "status"), [(0, 200), (1, 413), (5000, 413)])
+def test_a_chunked_body_over_the_limit_is_413_never_cut(
+    fake: FakeBackend, extra: int, status: int
+) -> None:
+    """A chunked body was cut at the limit and the cut processed (200)."""
+    app = create_app(as_backend(fake), basic_auth=None, limits=RequestLimits(max_body_bytes=2048))
+    body = b'{"tasks": []}'
+    body += b" " * (2048 - len(body) + extra)
+    environ = EnvironBuilder(path="/predict", method="POST").get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update({"wsgi.input": _Chunks(body), "wsgi.input_terminated": True})
+    answer, status_line, _ = run_wsgi_app(app, environ, buffered=True)
+    assert status_line.startswith(str(status)), b"".join(answer)
+    assert len(fake.calls) == (1 if status == 200 else 0)
+
+
+def test_memory_is_admitted_before_parsing(fake: FakeBackend) -> None:
+    """4 MiB of `{}` under a 64 MiB budget: ~250 MiB to parse (the review's 64 MiB of `{}` took
+    1.5 GB). Refused before parsing with 413; a body that fits but finds the budget taken by
+    others gets 503; whatever a request takes comes back when it ends."""
+    budget = MemoryBudget(64 * 2**20)
+    app = create_app(as_backend(fake), basic_auth=None, budget=budget)
+    client = app.test_client()
+    body = b'{"tasks": [' + b",".join([b"{}"] * (4 * 2**20 // 3)) + b"]}"
+    assert parse_cost(body) > budget.total
+    refused = client.post("/predict", data=body)
+    assert refused.status_code == 413
+    assert refused.json is not None and "WAFER_REQUEST_MEMORY_MB" in refused.json["error"]
+    assert fake.calls == [] and budget.used == 0
+    assert budget.take(budget.total - 1000)
+    busy = client.post("/predict", json=PREDICT_BODY)
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+    budget.give(budget.total - 1000)
+    assert client.post("/predict", json=PREDICT_BODY).status_code == 200
+    assert client.post("/setup", json={"schema": "<View/>"}).status_code == 200
+    assert client.post("/predict", data=b"{not json").status_code == 400
+    assert budget.used == 0
+
+
+def test_the_server_finds_the_apps_rules(hooked: flask.Flask) -> None:
+    rules = request_rules(hooked)
+    assert isinstance(rules, RequestRules)
+    assert rules.body_limit("/predict") == rules.body_limit("/webhook") == 64 * 2**20
+    assert rules.body_limit("/setup") == rules.body_limit("/nope") == 2**20
+    assert rules.refusal("/health", None) is None
+    assert rules.refusal("/predict", None) == (
+        401,
+        "authentication required: wrong or missing credentials",
+    )
+    assert rules.refusal("/webhook", f"Bearer {WEBHOOK_TOKEN}") is None
+    assert rules.refusal("/predict", f"Bearer {WEBHOOK_TOKEN}") is not None
+    assert request_rules(object()) is None

@@ -129,6 +129,24 @@ def test_a_payload_without_a_usable_project_is_an_event_error(redis: Redis, proj
     assert redis.dbsize() == 0
 
 
+@pytest.mark.parametrize(
+    "project",
+    ["-1", 0, -3, "0", "1_000", "+9", " 7", "7 ", 10**30, "9" * 20, 2**63, "٣", "٣٢", 2.0],
+)
+def test_ids_that_predict_refuses_are_refused_here_too(redis: Redis, project: Any) -> None:
+    """`int()` took each of these, and each got a debounce key and a job of its own."""
+    with pytest.raises(EventError, match="project"):
+        handle_event({"action": "START_TRAINING", "project": {"id": project}}, redis, auto)
+    with pytest.raises(EventError, match="project"):
+        handle_event({"action": "TASKS_CREATED", "project": project}, redis, auto)
+    assert redis.dbsize() == 0
+
+
+def test_label_studios_ids_are_taken(redis: Redis) -> None:
+    for project, number in ((7, 7), ("7", 7), ("7.1700000000", 7), (2**63 - 1, 2**63 - 1)):
+        assert project_of({"action": "START_TRAINING", "project": {"id": project}}) == number
+
+
 @pytest.mark.parametrize("payload", [{}, {"action": ""}, {"action": 3}, {"project": {"id": 2}}])
 def test_a_payload_without_an_action_is_an_event_error(
     redis: Redis, payload: dict[str, Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Sequence
@@ -392,10 +393,26 @@ def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
         validation=HeldOutScores("margin", tuple(scores), tuple(correct)),
     )
     confident = np.array([[1.0, 0.0]] * 8 + [[0.55, 0.45]] * 2)
-    rule = serving_rule(Settings(target_accuracy=0.99), card, confident)
+    expected = Settings(target_accuracy=0.99, promise_confidence=0.0)
+    rule = serving_rule(expected, card, confident)
     routes = rule.routes(confident)
     assert list(routes[:8]) == ["auto"] * 8 and list(routes[8:]) == ["engineer"] * 2
     assert margin(confident)[0] == 1.0
     # A stricter target than the evidence can promise sends everything to engineers.
-    strict = serving_rule(Settings(target_accuracy=0.9999), card, confident)
+    strict = serving_rule(Settings(target_accuracy=0.9999, promise_confidence=0.0), card, confident)
     assert (strict.routes(confident) == "engineer").all()
+    # The per-set promise (the default, 95%): a batch of 10 at 99% may hold no wrong label, and
+    # 300 error-free held-out wafers cannot rule out a 1% error rate at 97.5%: all to engineers.
+    promised = serving_rule(Settings(target_accuracy=0.99), card, confident)
+    assert (promised.routes(confident) == "engineer").all()
+    # A set of 2,000 such wafers may hold 20 wrong labels; with 3,000 error-free confident
+    # held-out wafers (not 300) the confident ones are auto-labelled, the unsure ones not (the
+    # held-out unsure wafers score 0.5, below the set's 0.9: half of them are wrong).
+    more = HeldOutScores(
+        "margin", (0.0,) * 3000 + (0.5,) * 100, (True,) * 3000 + (True, False) * 50
+    )
+    big = np.repeat(confident, 200, axis=0)
+    card = dataclasses.replace(card, validation=more)
+    routes = serving_rule(Settings(target_accuracy=0.99), card, big).routes(big)
+    assert (routes[margin(big) > 0.5] == "auto").all()
+    assert (routes[margin(big) < 0.5] == "engineer").all()

@@ -37,6 +37,9 @@ LAYERS = {
         "model_card",
         "files",
         "loop_state",
+        "project_ids",
+        "webhook_auth",
+        "picture_structure",
     },
     1: {
         "classifier",
@@ -48,6 +51,7 @@ LAYERS = {
         "labelstudio",
         "loop_keys",
         "wafer_store",
+        "monitoring",
     },
     2: {
         "predictions",
@@ -61,7 +65,16 @@ LAYERS = {
         "events",
         "projects",
     },
-    3: {"cli", "cli_labelstudio", "cli_reconcile", "__main__", "app", "service"},
+    3: {
+        "cli",
+        "cli_labelstudio",
+        "cli_reconcile",
+        "__main__",
+        "app",
+        "service",
+        "wsgi_bridge",
+        "http_worker",
+    },
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 PURE_ALLOWED = {"numpy"} | set(sys.stdlib_module_names)

@@ -113,6 +113,9 @@ def loop(
         # every wafer to engineers, and this test must see both routes.
         "WAFER_ROUTE_MEASURE": "least-confidence",
         "WAFER_ROUTE_THRESHOLD": "0.3",
+        # Every advance here is the test's (or a webhook's); the workers' own periodic
+        # reconcile is tested in tests/test_loop_repairs.py.
+        "WAFER_RECONCILE_INTERVAL_S": "0",
     }
     plan = plan_sets(real_wafers[0], subsample=0.004, initial_fraction=0.5, n_sets=2, seed=3)
     truth = {
@@ -168,7 +171,10 @@ def test_the_backend_refuses_calls_without_credentials(loop: Loop) -> None:
 def test_the_webhook_carries_the_backend_credentials(loop: Loop, ls: LabelStudioClient) -> None:
     hooks = [h for h in ls.webhooks(loop.project) if h["url"] == f"{loop.backend_url}/webhook"]
     assert len(hooks) == 1
-    assert hooks[0]["headers"]["Authorization"].startswith("Basic ")
+    # Its own token (backend.webhook_auth), never the Basic pair: Label Studio shows webhook
+    # headers to every project member.
+    authorization = hooks[0]["headers"]["Authorization"]
+    assert authorization.startswith("Bearer ") and AUTH[1] not in authorization
 
 
 def test_set_1_is_pre_annotated_and_its_confident_wafers_accepted(

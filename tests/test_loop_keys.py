@@ -6,12 +6,14 @@ in-process rq worker), never a flag set by the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -20,26 +22,34 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 
 from backend import loop_keys
+from backend.harness.stack import log_tail, running_worker, wait_for_worker
 from backend.loop_keys import (
+    EVENTS_QUEUE,
     LOCK_TTL_S,
+    SWEEP_DUE_KEY,
+    SWEEP_JOB,
     TRAINING_QUEUE,
+    LockLostError,
     heartbeat_key,
     job_alive,
     job_heartbeat,
+    known_projects,
     lock_key,
     project_lock,
     release_if_stale,
+    request_advance,
     request_retrain,
+    request_sweep,
     retrain_job_id,
     retrain_key,
     retrain_pending,
     stale_lock,
 )
-from backend.reconcile import repair_keys
+from backend.reconcile import repair_keys, sweep
 from tests.conftest import TEST_REDIS_URL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,6 +241,142 @@ def test_a_held_lock_is_renewed_past_its_expiry(
         assert redis.get(lock_key(3)) == value
         assert stale_lock(redis, 3) is None
     assert not redis.exists(lock_key(3))
+
+
+def test_a_holder_that_lost_the_lock_stops_at_its_next_step(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop_keys, "LOCK_TTL_S", 1)
+    leaving = pytest.raises(LockLostError, match="stopping before leaving the project lock")
+    with leaving, project_lock(redis, 3) as held:
+        held.check("step 1")  # held: nothing raised
+        # Paused past the expiry: the key expired and the next job took it.
+        redis.set(lock_key(3), "other-host|1|job-2|abc", ex=15)
+        with pytest.raises(LockLostError, match=r"stopping before step 2: .*lost the project"):
+            held.check("step 2")
+        assert held.lost
+    # The next holder's lock is left alone.
+    assert redis.get(lock_key(3)) == b"other-host|1|job-2|abc"
+
+
+def test_the_renewing_thread_notices_a_lost_lock(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop_keys, "LOCK_TTL_S", 1)
+    with pytest.raises(LockLostError), project_lock(redis, 3) as held:
+        redis.delete(lock_key(3))
+        threading.Event().wait(1.0)  # three renewals' time
+        assert held.lost  # seen by the thread, before any check
+    assert not redis.exists(lock_key(3))
+
+
+#: rq job for the test below: take project 7's lock with a 2-s expiry (in the work horse
+#: only), say so, wait for the test's "go", then do its next step, checking the lock first.
+def hold_lock_then_step() -> str:
+    job = get_current_job()
+    assert job is not None
+    redis = job.connection
+    loop_keys.LOCK_TTL_S = 2
+    with project_lock(redis, 7, job.id) as held:
+        redis.set("test:held-by", os.getpid())
+        while not redis.exists("test:go"):
+            time.sleep(0.05)
+        held.check("the job's next step")
+        redis.set("test:stepped", "1")  # what the job must not do beside the next holder
+    return "done"
+
+
+def test_a_worker_paused_past_the_lock_expiry_stops_instead_of_working_beside_the_next(
+    redis: Redis, tmp_path: Path
+) -> None:
+    """A real rq worker whose work horse holds the project lock is paused (SIGSTOP) past the
+    lock's expiry; the next job takes the lock; the paused one resumes. Before: it went on
+    with its step beside the new holder (only a log line said the lock was not renewed)."""
+    with running_worker({}, TEST_REDIS_URL, [EVENTS_QUEUE], tmp_path / "worker.log") as worker:
+        wait_for_worker(TEST_REDIS_URL, [EVENTS_QUEUE], 60, pid=worker.pid)
+        job = Queue(EVENTS_QUEUE, connection=redis).enqueue(f"{__name__}.hold_lock_then_step")
+        deadline = time.monotonic() + 60
+        while not redis.exists("test:held-by"):
+            assert time.monotonic() < deadline, log_tail(tmp_path / "worker.log")
+            time.sleep(0.1)
+        held_by: Any = redis.get("test:held-by")
+        horse = int(held_by)
+        os.kill(horse, signal.SIGSTOP)
+        try:
+            time.sleep(3)  # past the 2-s expiry: the key is gone
+            with project_lock(redis, 7):  # the next job holds the lock
+                os.kill(horse, signal.SIGCONT)
+                redis.set("test:go", "1")
+                deadline = time.monotonic() + 60
+                while job.get_status(refresh=True) not in (JobStatus.FINISHED, JobStatus.FAILED):
+                    assert time.monotonic() < deadline, log_tail(tmp_path / "worker.log")
+                    time.sleep(0.1)
+                assert not redis.exists("test:stepped"), "it worked beside the next holder"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it may have ended already
+                os.kill(horse, signal.SIGCONT)
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    result = job.latest_result()
+    assert result is not None and "LockLostError" in str(result.exc_string)
+    assert "stopping before the job's next step" in str(result.exc_string)
+
+
+# ---- the periodic sweep -----------------------------------------------------------------------
+
+
+def test_projects_are_known_from_redis_and_from_the_model_dir(redis: Redis, tmp_path: Path) -> None:
+    assert known_projects(redis, tmp_path) == []
+    assert request_advance(redis, 4)
+    (tmp_path / "projects" / "9" / "wafers").mkdir(parents=True)
+    (tmp_path / "projects" / "notes").mkdir()
+    assert known_projects(redis, tmp_path) == [4, 9]
+    redis.flushdb()  # a lost Redis: MODEL_DIR still knows its projects
+    assert known_projects(redis, tmp_path) == [9]
+
+
+def test_one_sweep_is_enqueued_per_interval_whatever_the_number_of_workers(
+    redis: Redis,
+) -> None:
+    queue = Queue(EVENTS_QUEUE, connection=redis)
+    assert request_sweep(redis, 60)
+    assert not request_sweep(redis, 60)  # another worker, the same interval
+    assert [job.func_name for job in queue.jobs] == [SWEEP_JOB]
+    # The interval passed but the last sweep still waits (every worker busy): no pile-up.
+    redis.delete(SWEEP_DUE_KEY)
+    assert not request_sweep(redis, 60)
+    assert queue.count == 1
+    assert not request_sweep(redis, 0)  # off
+
+
+def test_the_sweep_advances_every_known_project_and_forgets_deleted_ones(
+    redis: Redis, tmp_path: Path
+) -> None:
+    assert request_advance(redis, 4)
+    (tmp_path / "projects" / "9").mkdir(parents=True)
+    (tmp_path / "projects" / "12").mkdir(parents=True)
+    redis.sadd("wafermap:projects", "12")
+    outcome = sweep(redis, tmp_path, exists=lambda project: project != 12)
+    assert outcome == {"advanced": [9], "pending": [4], "gone": [12]}
+    assert known_projects(redis) == [4, 9]
+    assert [job.args for job in Queue(EVENTS_QUEUE, connection=redis).jobs] == [(4,), (9,)]
+
+
+def test_a_wafer_worker_enqueues_the_sweep_from_its_own_heartbeat(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backend.jobs import WaferWorker  # torch: only for this test
+
+    monkeypatch.setenv("WAFER_RECONCILE_INTERVAL_S", "1")
+    queue = Queue(EVENTS_QUEUE, connection=redis)
+    worker = WaferWorker([queue], connection=redis)
+    assert worker.dequeue_timeout == 1  # an idle worker wakes up every interval
+    worker.heartbeat()
+    assert queue.count == 0  # the first sweep is due one interval after the start
+    time.sleep(1.1)
+    worker.heartbeat()
+    assert [job.func_name for job in queue.jobs] == [SWEEP_JOB]
+    monkeypatch.setenv("WAFER_RECONCILE_INTERVAL_S", "0")
+    assert WaferWorker([queue], connection=redis).dequeue_timeout > 1
 
 
 # ---- reconcile's Redis repairs ----------------------------------------------------------------

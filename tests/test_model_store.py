@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +243,61 @@ def test_no_file_outside_the_store_is_ever_read(tmp_path: Path) -> None:
     (root / "CURRENT").symlink_to(tmp_path / "name")
     assert store.current_version() == "v002-set1"
     assert store.problems() == ["CURRENT does not name a model version; serving v002-set1 instead"]
+
+
+def read_without_blocking(call: Callable[[], object], unblock: Path | None) -> object:
+    """`call()` in a thread; fails when it is still running after 10 s (and then writes to the
+    FIFO `unblock`, so that the stuck reader ends and the test process can exit)."""
+    found: list[object] = []
+    thread = threading.Thread(target=lambda: found.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        if unblock is not None:
+            fd = os.open(unblock, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)  # the reader sees end of file
+        thread.join(timeout=10)
+        pytest.fail("reading the store blocked on a file that is not a regular file")
+    return found[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo"])
+def test_a_current_that_is_not_a_regular_file_never_blocks_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """Before: `open(CURRENT).read()` on a FIFO waited for a writer for good, holding the
+    store's lock, so /health, /predict and every job of the project hung behind it."""
+    store, first = two_versions(tmp_path)
+    store.path_of("v002-set1").unlink()
+    current = tmp_path / "CURRENT"
+    current.unlink()
+    fifo: Path | None = None
+    if kind == "fifo":
+        os.mkfifo(current)
+        fifo = current
+    elif kind == "directory":
+        current.mkdir()
+    else:
+        fifo = tmp_path / "versions" / "name"
+        os.mkfifo(fifo)
+        current.symlink_to(fifo)
+    fresh = ModelStore(tmp_path, CPU)
+    assert read_without_blocking(fresh.current_version, fifo) == "v001-set0"
+    [problem] = fresh.problems()
+    what = "a directory" if kind == "directory" else "a FIFO"
+    assert problem == f"CURRENT is {what}, not a regular file; serving v001-set0 instead"
+    assert read_without_blocking(store.current_version, fifo) == "v001-set0"
+    np.testing.assert_allclose(predictions(store.load_current()), first, atol=1e-6)
+
+
+def test_a_card_that_is_a_fifo_is_read_from_the_weights(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, CPU)
+    store.publish(classifier("v001-set0", seed=1))
+    card = store.card_path_of("v001-set0")
+    card.unlink()
+    os.mkfifo(card)
+    found = read_without_blocking(lambda: store.card("v001-set0"), card)
+    assert isinstance(found, ModelCard) and found.version == "v001-set0"
 
 
 # --- damaged cards ----------------------------------------------------------------------------

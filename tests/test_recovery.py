@@ -172,6 +172,9 @@ def world(
         "WAFER_DEVICE": "cpu",
         "WAFER_ROUTE_MEASURE": "least-confidence",
         "WAFER_ROUTE_THRESHOLD": "0.3",
+        # Every advance here is the test's (or a webhook's); the workers' own periodic
+        # reconcile is tested in tests/test_loop_repairs.py.
+        "WAFER_RECONCILE_INTERVAL_S": "0",
     }
     settings = dataclasses.replace(
         Settings.from_env(env), label_config_path=Settings().label_config_path

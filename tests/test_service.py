@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 from redis import Redis
 from rq import Queue
 
+from backend import model_store as model_store_module
 from backend import service as service_module
 from backend.app import MLBackend, create_app
 from backend.classifier import WaferClassifier, build_network
@@ -262,14 +263,14 @@ def test_webhook_with_a_dead_redis_is_503(model_dir: Path) -> None:
     assert "Redis" in body_of(response)["error"]
     # The rest of the backend still answers.
     assert client.get("/health").status_code == 200
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics.json")
     assert metrics.status_code == 200
     assert "Redis" in body_of(metrics)["queues"]["error"]
 
 
 def test_metrics_lists_the_versions(client: FlaskClient, redis: Redis) -> None:
     client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 2}})
-    response = client.get("/metrics")
+    response = client.get("/metrics.json")
     assert response.status_code == 200
     body = body_of(response)
     assert body["projects"]["2"]["model_version"] == VERSION
@@ -316,7 +317,9 @@ def test_top_level_model_class(model_dir: Path, redis: Redis, label_config: Labe
     assert model.webhook({"action": "TASKS_CREATED", "project": 3})["status"] == "already queued"
     assert model.metrics()["projects"]["2"]["versions"][0]["version"] == VERSION
     assert model.versions("2") == [VERSION]
-    assert model.health()["projects"] == {"2": VERSION, "3": NO_MODEL}
+    # Project 3 has no model directory: asking about it opened nothing to report.
+    assert model.health()["projects"] == {"2": VERSION}
+    assert list(model.service._stores) == [2]
 
 
 # ---- one model per project, /versions, store problems ----------------------------------------
@@ -346,7 +349,7 @@ def test_each_project_is_served_its_own_model(
     assert "result" not in entry and "project 7" in entry["error"]
     assert body_of(client.get("/versions?project=7")) == {"versions": [NO_MODEL]}
     health = body_of(client.get("/health"))
-    assert health["projects"] == {"2": VERSION, "5": "v001-other", "7": NO_MODEL}
+    assert health["projects"] == {"2": VERSION, "5": "v001-other"}
 
 
 @pytest.mark.parametrize("project", ["x.1", "0.5", "-3", "99999999999999999999", "", "1e3"])
@@ -362,7 +365,7 @@ def test_a_bad_model_card_breaks_no_route(model_dir: Path, redis: Redis) -> None
     store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
     store.card_path_of(VERSION).write_text("{}")
     client = app_client(settings_for(model_dir))
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics.json")
     assert metrics.status_code == 200
     [version] = body_of(metrics)["projects"]["2"]["versions"]
     assert version["version"] == VERSION  # read from the weights instead, or an error entry
@@ -371,7 +374,7 @@ def test_a_bad_model_card_breaks_no_route(model_dir: Path, redis: Redis) -> None
     assert client.get("/health").status_code == 200
     # Card and weights both unreadable: listed as unreadable, still no 500.
     store.path_of(VERSION).write_bytes(b"not a checkpoint")
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics.json")
     assert metrics.status_code == 200
     [version] = body_of(metrics)["projects"]["2"]["versions"]
     assert version["version"] == VERSION and "error" in version
@@ -549,24 +552,89 @@ def test_the_load_test_runs_and_prints_its_figures(capsys: pytest.CaptureFixture
 def test_health_never_waits_for_a_slow_store(
     model_dir: Path, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Loading a newly published model can take longer than Label Studio's 1 s: /health then
-    answers with the previous look at the stores instead of waiting."""
+    """A slow disk may make the look at the stores take longer than Label Studio's 1 s:
+    /health then answers with the previous look instead of waiting."""
     monkeypatch.setattr(service_module, "HEALTH_WAIT_S", 0.2)
     service = WaferLabelingService(settings_for(model_dir))
     client = create_app(service, basic_auth=None).test_client()
-    store = service.store(PROJECT)
-    store.load_current()
     loading, finished = threading.Event(), threading.Event()
-    real = store.current_version
+    real = service_module.served_by_card
 
-    def slow_current_version() -> str | None:
+    def slow_served_by_card(store: ModelStore) -> tuple[str | None, list[str]]:
         loading.set()
         finished.wait(30)  # until the test has its answer
-        return real()
+        return real(store)
 
-    monkeypatch.setattr(store, "current_version", slow_current_version)
+    monkeypatch.setattr(service_module, "served_by_card", slow_served_by_card)
     answer = client.get("/health")
     assert loading.is_set() and not finished.is_set()  # answered while the look still ran
     assert answer.status_code == 200
     assert body_of(answer)["status"] == "UP"
     finished.set()
+
+
+# ---- the model cache: only /setup and /predict of a known project open a store ----------------
+
+
+def test_only_setup_and_predict_of_a_known_project_load_its_model(
+    model_dir: Path, redis: Redis, monkeypatch: pytest.MonkeyPatch, label_config: LabelConfig
+) -> None:
+    """With more projects than MAX_OPEN_STORES, /health, /metrics and /versions loaded every
+    project's weights on each call (and ids of no project took a place in the cache)."""
+    monkeypatch.setattr(service_module, "MAX_OPEN_STORES", 2)
+    for project in (3, 4, 5):
+        publish_tiny_model(model_dir, label_config, project=project, version=f"v001-p{project}")
+    loads: list[Path] = []
+    real_load = model_store_module.load_version
+
+    def counted(path: Path, device: torch.device) -> WaferClassifier:
+        loads.append(path)
+        return real_load(path, device)
+
+    monkeypatch.setattr(model_store_module, "load_version", counted)
+    service = WaferLabelingService(settings_for(model_dir))
+    client = create_app(service, basic_auth=None).test_client()
+    for _ in range(3):
+        health = body_of(client.get("/health"))
+        assert health["projects"] == {"2": VERSION, "3": "v001-p3", "4": "v001-p4", "5": "v001-p5"}
+        metrics = body_of(client.get("/metrics.json"))
+        assert metrics["projects"]["4"]["model_version"] == "v001-p4"
+        for asked in ("2", "5", "77", "999999999"):
+            assert client.get(f"/versions?project={asked}").status_code == 200
+    assert body_of(client.get("/versions?project=77")) == {"versions": [NO_MODEL]}
+    setup = {"project": "77.1700000000", "schema": DEFAULT_LABEL_CONFIG.read_text()}
+    assert body_of(client.post("/setup", json=setup)) == {"model_version": NO_MODEL}
+    assert loads == [] and not service._stores
+    body = {**predict_body([picture_task(1, 1)]), "project": "3.1"}
+    [entry] = body_of(client.post("/predict", json=body))["results"]
+    assert entry["model_version"] == "v001-p3"
+    assert [p.name for p in loads] == ["v001-p3.pt"] and list(service._stores) == [3]
+
+
+def test_health_sees_a_damaged_current_without_loading(model_dir: Path, redis: Redis) -> None:
+    """A CURRENT naming a version whose weights are gone: the newest readable version is
+    reported as served, with the problem, as the store itself would serve it."""
+    store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
+    (store.root / "CURRENT").write_text("v009-gone\n")
+    client = app_client(settings_for(model_dir))
+    health = body_of(client.get("/health"))
+    assert health["projects"] == {"2": VERSION}
+    assert health["problems"] == [
+        f"project 2: model version v009-gone named in CURRENT does not exist; serving {VERSION} "
+        "instead"
+    ]
+    [entry] = body_of(client.post("/predict", json=predict_body([picture_task(1, 1)])))["results"]
+    assert entry["model_version"] == VERSION  # what the store serves agrees
+
+
+def test_a_fifo_for_current_blocks_no_health_or_metrics(model_dir: Path, redis: Redis) -> None:
+    """Reading CURRENT as a FIFO would block the reader for good (and /metrics with it)."""
+    store = ModelStore.for_project(model_dir, PROJECT, torch.device("cpu"))
+    (store.root / "CURRENT").unlink()
+    os.mkfifo(store.root / "CURRENT")
+    client = app_client(settings_for(model_dir))
+    metrics = body_of(client.get("/metrics.json"))["projects"]["2"]
+    assert metrics["model_version"] == VERSION  # the newest readable version
+    assert "FIFO" in metrics["problems"][0] and str(model_dir) not in str(metrics)
+    health = body_of(client.get("/health"))
+    assert health["projects"] == {"2": VERSION} and "FIFO" in health["problems"][0]

@@ -90,7 +90,7 @@ def test_bad_service_values_are_named(env: dict[str, str], message: str) -> None
 
 def test_image_settings() -> None:
     defaults = Settings.from_env({})
-    assert defaults.image_hosts == () and defaults.image_max_pixels == 4_000_000
+    assert defaults.image_hosts == () and defaults.image_max_pixels == 1024 * 1024
     assert defaults.image_max_bytes == 16 * 2**20 and defaults.image_timeout_s == 10.0
     settings = Settings.from_env(
         {
@@ -130,3 +130,30 @@ def test_the_small_wafer_cnn_is_a_backbone_the_settings_take() -> None:
     assert settings.backbone == "wafercnn" and settings.image_size == 48
     network = build_network(settings.backbone, 9, seed=0)
     assert sum(p.numel() for p in network.parameters()) < 1_000_000
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/settings.md lists every variable `python -m backend settings` knows, and no other."""
+    import re
+
+    from backend.settings import ENVIRONMENT, REPO_ROOT
+
+    table = (REPO_ROOT / "docs" / "settings.md").read_text().split("\n\nCommand-line flags")[0]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    assert set(ENVIRONMENT) - {"LOCAL_FILES_DOCUMENT_ROOT"} <= documented
+    assert documented - set(ENVIRONMENT) <= {"LOG_LEVEL"}
+
+
+def test_the_settings_command_prints_no_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from backend.cli import main
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "tok-0123456789")
+    monkeypatch.setenv("BASIC_AUTH_USER", "fab")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pass-0123456789")
+    monkeypatch.setenv("REDIS_URL", "redis://:redis-0123456789@redis:6379/0")
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert "0123456789" not in out
+    assert "redis://:***@redis:6379/0" in out

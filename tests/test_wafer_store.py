@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,44 @@ def test_routing_is_kept_per_set_and_model_version(tmp_path: Path) -> None:
     assert store.routing(2, "v1") == nobody
     (store.set_dir(1) / "routing.json").write_text("{garbage")
     assert store.routing(1, "v1") is None
+
+
+def test_a_sets_routing_is_written_once_per_model_version(tmp_path: Path) -> None:
+    """Before: every pre-annotation of a set saved its routing, so a catch-up of 5 wafers (a
+    lost TASKS_CREATED) replaced cut 0.98530 / 8 auto / 559 engineer by "every wafer", cut
+    null, 5 engineer."""
+    store = WaferStore(tmp_path)
+    first = SetRouting(1, "v1", "p1 - p2 < 0.9", 0.98530, 8, 559, 0, measure="margin")
+    assert store.keep_routing(first) == first
+    catch_up = SetRouting(1, "v1", "every wafer", None, 0, 5, 0, measure="margin")
+    assert store.keep_routing(catch_up) == first
+    assert store.routing(1, "v1") == first
+    # The next model version routes the set anew.
+    second = SetRouting(1, "v2", "p1 - p2 < 0.8", 0.9, 20, 547, 0, measure="margin")
+    assert store.keep_routing(second) == second
+    assert store.routing(1, "v2") == second and store.routing(1, "v1") is None
+    # A pass that routed no wafer (every picture unreadable) decided nothing: the next does.
+    nothing = SetRouting(3, "v1", "", None, 0, 0, 4, measure="margin")
+    assert store.keep_routing(nothing) == nothing
+    later = SetRouting(3, "v1", "p1 - p2 < 0.9", 0.9, 1, 3, 0, measure="margin")
+    assert store.keep_routing(later) == later == store.routing(3, "v1")
+    # A routing kept before the measure was recorded still reads.
+    (store.set_dir(2)).mkdir()
+    (store.set_dir(2) / "routing.json").write_text(
+        '{"set_number": 2, "model_version": "v1", "rule": "every wafer", "cut": null,'
+        ' "auto": 0, "engineer": 3, "unreadable": 0}'
+    )
+    assert store.routing(2, "v1") == SetRouting(2, "v1", "every wafer", None, 0, 3, 0)
+
+
+def test_a_routing_or_chunk_that_is_not_a_regular_file_is_skipped(tmp_path: Path) -> None:
+    store = WaferStore(tmp_path)
+    store.add(1, [5, 6], "wm811k", wafers(2))
+    store.set_dir(1).joinpath("routing.json").mkdir()
+    os.mkfifo(store.set_dir(1) / "7-8.npz")
+    assert store.routing(1, "v1") is None  # an error logged, nothing blocks
+    assert [p.name for p in store.chunk_files(1)] == ["5-6.npz"]
+    assert store.read_set(1, CLASSES).task_ids.tolist() == [5, 6]
 
 
 def test_task_codes_take_only_tasks_whose_data_matches_their_entry(tmp_path: Path) -> None:

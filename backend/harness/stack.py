@@ -49,6 +49,7 @@ from backend.harness.label_studio_db import (
     drop_database,
 )
 from backend.harness.processes import stop_process
+from backend.labelstudio import BATCHED_PREDICTION_IMPORT_FLAG
 from backend.settings import REPO_ROOT
 
 #: The checkout: `_wsgi.py` and the `backend` package live here.
@@ -245,7 +246,6 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
 
 
 #: Label Studio 1.23.2's feature flag for its batched `import/predictions` path (env override).
-PREDICTION_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 def server_environment(
@@ -283,7 +283,7 @@ def server_environment(
             # `import_predictions` without the per-prediction label-config validation of its
             # legacy path (backend.preannotation stores only results the backend built from
             # the project's own labeling config).
-            PREDICTION_IMPORT_FLAG: "true",
+            BATCHED_PREDICTION_IMPORT_FLAG: "true",
             "PYTHONUNBUFFERED": "1",
         }
     )
