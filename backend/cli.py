@@ -30,6 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from backend.label_config import LabelConfig, parse_label_config
 from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, Settings
@@ -347,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="drawings per wafer for the initial model on every later wafer (1; 0 = skip)",
     )
+    promise = sub.add_parser(
+        "promise-check",
+        help="how often drawn sets miss the target: the per-set promise against the expected "
+        "accuracy, on a study run",
+    )
+    promise.add_argument("out", type=Path, help="the study run's directory (simulate --out)")
+    _add_data_flags(promise)
+    promise.add_argument("--target-accuracy", type=float, default=0.995)
+    promise.add_argument("--confidence", type=float, default=0.95)
+    promise.add_argument("--resamples", type=int, default=200, help="sets drawn (200)")
+    promise.add_argument(
+        "--set-size", type=int, help="wafers per drawn set (default: as the study's sets)"
+    )
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -455,6 +469,8 @@ def _run(args: argparse.Namespace) -> int:
         return _bench(args, settings, labels)
     if args.command == "routing-study":
         return _routing_study(args, settings, labels)
+    if args.command == "promise-check":
+        return _promise_check(args, settings, labels)
     if args.command == "train":
         from backend.cli_labelstudio import run_train
 
@@ -493,18 +509,44 @@ def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) ->
     return 0
 
 
-def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    from backend.study.routing_study import run_routing_study
+def _study_run(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> Any:
+    """The study run in args.out (a `backend.study.simulate.Study`), or None when there is none."""
     from backend.study.simulate import Study, StudyConfig
 
     config_file = args.out / "config.json"
     if not config_file.is_file():
         print(f"{args.out}: no study run here (no config.json)", file=sys.stderr)
-        return 2
+        return None
     saved = json.loads(config_file.read_text())
     config = StudyConfig(**(saved | {"loops": tuple(saved["loops"])}))
     wafers, _ = _load(settings, labels)
-    study = Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+    return Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+
+
+def _promise_check(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.study.promise_check import run_promise_check
+
+    study = _study_run(args, settings, labels)
+    if study is None:
+        return 2
+    run_promise_check(
+        study,
+        args.target_accuracy,
+        args.confidence,
+        args.resamples,
+        args.set_size,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    print((args.out / "promise-check" / "results.md").read_text())
+    return 0
+
+
+def _routing_study(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.study.routing_study import run_routing_study
+
+    study = _study_run(args, settings, labels)
+    if study is None:
+        return 2
     run_routing_study(
         study,
         args.target_accuracy,

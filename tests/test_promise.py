@@ -14,6 +14,8 @@ from backend.calibration import (
     largest_rate,
     promise_cut,
 )
+from backend.study.promise_check import check_promise
+from backend.study.routing_methods import Evidence
 
 
 def test_largest_rate_is_the_exact_clopper_pearson_bound() -> None:
@@ -104,3 +106,27 @@ def test_bad_promises_are_refused(kwargs: dict[str, float]) -> None:
     args: dict[str, float] = {"target_accuracy": 0.995, "confidence": 0.95} | kwargs
     with pytest.raises(ValueError):
         promise_cut([0.1], [True], [0.1], **args)  # type: ignore[arg-type]
+
+
+def evidence(rng: np.random.Generator, n: int) -> Evidence:
+    """Two-class logits of a model that is right on ~97% of wafers, surer where it is right."""
+    true = rng.integers(0, 2, n)
+    right = rng.random(n) > 0.03
+    guess = np.where(right, true, 1 - true)
+    sure = np.where(right, rng.uniform(2, 9, n), rng.uniform(0, 3, n))
+    logits = np.zeros((1, n, 2), np.float32)
+    logits[0, np.arange(n), guess] = sure
+    return Evidence(
+        logits, true.astype(np.int64), logits[:, : n // 2], true[: n // 2].astype(np.int64)
+    )
+
+
+def test_the_promise_check_counts_missed_sets_for_both_rules() -> None:
+    rng = np.random.default_rng(5)
+    sets = [evidence(rng, 4000) for _ in range(3)]
+    figures = check_promise(sets, 0.995, 0.95, resamples=60, set_size=2000)
+    assert figures["expected"].sets == figures["promise"].sets == 60
+    assert figures["promise"].miss_rate <= 0.05 + 0.05  # 5% promised, scatter of 60 draws
+    assert figures["promise"].missed <= figures["expected"].missed
+    assert figures["promise"].engineer_ratio >= figures["expected"].engineer_ratio
+    assert figures["promise"].worst_accuracy >= figures["expected"].worst_accuracy
