@@ -361,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     promise.add_argument(
         "--set-size", type=int, help="wafers per drawn set (default: as the study's sets)"
     )
+    promise.add_argument(
+        "--pool",
+        action="store_true",
+        help="draw held-out wafers and sets from the initial model's predictions on every later "
+        "wafer (disjoint, without replacement) instead of the loop's sets",
+    )
+    promise.add_argument(
+        "--calibration-size", type=int, default=2600, help="--pool: held-out wafers per draw"
+    )
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -536,6 +545,8 @@ def _promise_check(args: argparse.Namespace, settings: Settings, labels: LabelCo
         args.resamples,
         args.set_size,
         log=lambda s: print(s, file=sys.stderr),
+        pool=args.pool,
+        calibration_size=args.calibration_size,
     )
     print((args.out / "promise-check" / "results.md").read_text())
     return 0

@@ -9,6 +9,13 @@ a set of `set_size` wafers from the set and a held-out sample of the same size a
 sets whose labeling accuracy (engineer labels right, auto labels as the model said) falls below
 the target. It writes DIR/promise-check/results.json and results.md.
 
+With ``pool`` (`--pool`), the wafers come from one model instead: the initial model's predictions
+on every later wafer of the run (the reject option's), from which each draw takes a calibration
+sample of `calibration_size` wafers and a disjoint set of `set_size`, both without replacement.
+Both samples are then random wafers of the same stream, which is what the promise assumes, and
+the held-out sample can be as large as a fab's history gives (a 15% hold-out of 17,295 wafers is
+~2,600), whatever size the run's own hold-out had.
+
 The rules compared:
 - ``expected``: `backend.calibration.calibrate_scores` at 90% per threshold (the older served
   rule, WAFER_PROMISE_CONFIDENCE=0), which bounds the expected auto-label error;
@@ -50,6 +57,11 @@ class RuleFigures:
         return self.missed / self.sets if self.sets else 0.0
 
 
+Draw = tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.bool_]
+]
+
+
 def _margin_scores(
     logits: npt.NDArray[np.float32],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
@@ -65,20 +77,55 @@ def check_promise(
     set_size: int | None,
     seed: int = 0,
 ) -> dict[str, RuleFigures]:
-    """Draw `resamples` sets (spread over the evidence's sets) and route each by both rules."""
+    """Draw `resamples` sets (spread over the evidence's sets, with replacement, each with a
+    resampled hold-out of its own size) and route each by both rules."""
     rng = np.random.default_rng(seed)
-    outcomes: dict[str, list[tuple[bool, float, float]]] = {"expected": [], "promise": []}
     prepared = []
     for e in evidence:
         scores, guess = _margin_scores(e.logits)
         val_scores, val_guess = _margin_scores(e.val_logits)
         prepared.append((scores, guess == e.true, val_scores, val_guess == e.val_true))
+    draws: list[Draw] = []
     for i in range(resamples):
         scores, right, val_scores, val_right = prepared[i % len(prepared)]
-        n = set_size or len(scores)
-        pick = rng.integers(0, len(scores), n)
+        pick = rng.integers(0, len(scores), set_size or len(scores))
         held = rng.integers(0, len(val_scores), len(val_scores))
-        s, ok, vs, vok = scores[pick], right[pick], val_scores[held], val_right[held]
+        draws.append((scores[pick], right[pick], val_scores[held], val_right[held]))
+    return _route_draws(draws, target, confidence)
+
+
+def check_promise_pooled(
+    pool: Evidence,
+    target: float,
+    confidence: float,
+    resamples: int,
+    set_size: int,
+    calibration_size: int,
+    seed: int = 0,
+) -> dict[str, RuleFigures]:
+    """Draw a calibration sample and a disjoint set from one model's predictions, `resamples`
+    times, and route each set by both rules."""
+    if set_size + calibration_size > len(pool.true):
+        raise ValueError(
+            f"the pool holds {len(pool.true):,} wafers: fewer than a set of {set_size:,} and "
+            f"{calibration_size:,} held-out wafers"
+        )
+    rng = np.random.default_rng(seed)
+    scores, guess = _margin_scores(pool.logits)
+    right = guess == pool.true
+    draws: list[Draw] = []
+    for _ in range(resamples):
+        order = rng.permutation(len(scores))
+        held = order[:calibration_size]
+        pick = order[calibration_size : calibration_size + set_size]
+        draws.append((scores[pick], right[pick], scores[held], right[held]))
+    return _route_draws(draws, target, confidence)
+
+
+def _route_draws(draws: Sequence[Draw], target: float, confidence: float) -> dict[str, RuleFigures]:
+    outcomes: dict[str, list[tuple[bool, float, float]]] = {"expected": [], "promise": []}
+    for s, ok, vs, vok in draws:
+        n = len(s)
         cuts = {
             "expected": calibrate_scores(vs, vok, target, 0.9, s).threshold,
             "promise": promise_cut(vs, vok, s, target, confidence).threshold,
@@ -106,24 +153,39 @@ def run_promise_check(
     resamples: int = 200,
     set_size: int | None = None,
     log: Callable[[str], None] = print,
+    pool: bool = False,
+    calibration_size: int = 2600,
 ) -> dict[str, Any]:
     """Collect the evidence a routing study keeps (one view), check both rules, write results."""
     # The initial set's random hold-out when the run's models never trained on it (bounded
     # retraining), as the backend calibrates on random person-labelled wafers; else the phase's.
     hold_out = "initial" if study.config.retrain == "bounded" else "phase"
-    evidence = collect_evidence(study, views=1, log=log, reject_option_views=0, hold_out=hold_out)
-    sets = [e for name, e in sorted(evidence.items()) if name.startswith("set")]
-    if not sets:
-        raise ValueError(f"{study.out} has no calibrated-loop sets with kept held-out wafers")
-    figures = check_promise(sets, target, confidence, resamples, set_size)
+    evidence = collect_evidence(
+        study, views=1, log=log, reject_option_views=1 if pool else 0, hold_out=hold_out
+    )
+    if pool:
+        if "reject-option" not in evidence:
+            raise ValueError(f"{study.out} has no initial model's predictions to draw from")
+        whole = evidence["reject-option"]
+        size = set_size or len(study.split.sets[0])
+        figures = check_promise_pooled(whole, target, confidence, resamples, size, calibration_size)
+        source = f"pool: the initial model on {len(whole.true):,} later wafers"
+        held_out: Any = calibration_size
+    else:
+        sets = [e for name, e in sorted(evidence.items()) if name.startswith("set")]
+        if not sets:
+            raise ValueError(f"{study.out} has no calibrated-loop sets with kept held-out wafers")
+        figures = check_promise(sets, target, confidence, resamples, set_size)
+        source = f"the calibrated loop's {len(sets)} sets, {hold_out} hold-out"
+        held_out = [len(e.val_true) for e in sets]
+        size = set_size or 0
     results = {
         "target_accuracy": target,
         "confidence": confidence,
         "resamples": resamples,
-        "set_size": set_size or "as the study's sets",
-        "study_sets": len(sets),
-        "hold_out": hold_out,
-        "held_out_wafers": [len(e.val_true) for e in sets],
+        "set_size": size or "as the study's sets",
+        "held_out_wafers": held_out,
+        "source": source,
         "rules": {name: {**f.__dict__, "miss_rate": f.miss_rate} for name, f in figures.items()},
     }
     out = study.out / "promise-check"
@@ -136,9 +198,11 @@ def promise_markdown(results: dict[str, Any]) -> str:
     target, confidence = results["target_accuracy"], results["confidence"]
     lines = [
         f"Sets below {100 * target:g}% over {results['resamples']} drawn sets "
-        f"(set size: {results['set_size']}; {results['study_sets']} study sets)",
+        f"(set size: {results['set_size']}; held-out wafers: {results['held_out_wafers']}; "
+        f"{results['source']})",
         "",
-        "| rule | sets below target | share | promised at most | engineer share | mean accuracy | worst |",
+        "| rule | sets below target | share | promised at most | engineer share "
+        "| mean accuracy | worst |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     promised = {"expected": "(none per set)", "promise": f"{100 * (1 - confidence):.1f}%"}
