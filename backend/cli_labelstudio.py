@@ -25,7 +25,14 @@ from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.loop_keys import request_advance
 from backend.model_store import ModelStore
-from backend.projects import lookup_project_id, project_status, status_table, wire_project
+from backend.projects import (
+    audit_table,
+    lookup_project_id,
+    project_audits,
+    project_status,
+    status_table,
+    wire_project,
+)
 from backend.settings import Settings
 from backend.sources import load_wafers
 from backend.splits import stratified_sample
@@ -100,6 +107,16 @@ def run_label_studio_command(
             store = ModelStore.for_project(settings.model_dir, project, pick_device("cpu"))
             states, versions = project_status(client, store, project)
             print(status_table(states, versions))
+            audits = project_audits(
+                client,
+                WaferStore.for_project(settings.model_dir, project),
+                states,
+                labels,
+                settings.target_accuracy,
+            )
+            if audits:
+                print("\nBlind audits (random auto-routed wafers labelled by engineers):\n")
+                print(audit_table(audits))
             return 0
         queued = request_advance(Redis.from_url(settings.redis_url), project)
         print("queued" if queued else "a step is already queued", f"for project {project}")

@@ -30,9 +30,10 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
+from backend.audit import latest_breach
 from backend.model_card import ModelCard
 from backend.model_store import ModelStore
-from backend.wafer_store import SetRouting, WaferStore
+from backend.wafer_store import WaferStore
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,38 @@ class LoopCollector(Collector):
             "The prediction score at and above which a set's wafers are auto-labelled",
             labels=("project", "set"),
         )
+        audited = GaugeMetricFamily(
+            "wafer_set_audit_wafers",
+            "A set's blind audit wafers, labelled by engineers so far or pending",
+            labels=("project", "set", "state"),
+        )
+        accuracy = GaugeMetricFamily(
+            "wafer_set_audited_accuracy_ratio",
+            "A set's auto-label accuracy on its labelled audit wafers",
+            labels=("project", "set"),
+        )
+        accuracy_low = GaugeMetricFamily(
+            "wafer_set_audited_accuracy_lower_ratio",
+            "Lower end of the exact 95% interval on a set's audited auto-label accuracy",
+            labels=("project", "set"),
+        )
+        labeling_high = GaugeMetricFamily(
+            "wafer_set_labeling_accuracy_upper_ratio",
+            "Upper end of the 95% interval on a set's labeling accuracy from its audit "
+            "(below the target: the promise is broken)",
+            labels=("project", "set"),
+        )
+        broken = GaugeMetricFamily(
+            "wafer_promise_broken",
+            "1 while the newest finished audit shows a set below the target accuracy "
+            "(the next sets are routed cautiously), else 0",
+            labels=("project",),
+        )
+        since = GaugeMetricFamily(
+            "wafer_last_set_finished_seconds",
+            "Seconds since the newest audited set was finished (its audit recorded)",
+            labels=("project",),
+        )
         for project in ModelStore.projects(self.model_dir):
             name = str(project)
             try:
@@ -152,7 +185,8 @@ class LoopCollector(Collector):
                     age.add_metric([name], (self.now() - created).total_seconds())
                 if card.trained_through_set is not None:
                     trained.add_metric([name], card.trained_through_set)
-            routings = _routings(WaferStore.for_project(self.model_dir, project))
+            wafers = WaferStore.for_project(self.model_dir, project)
+            routings = wafers.routings()
             if routings:
                 open_set.add_metric([name], max(r.set_number for r in routings))
             for routing in routings:
@@ -163,9 +197,26 @@ class LoopCollector(Collector):
                     ("unreadable", routing.unreadable),
                 ):
                     routed.add_metric([name, number, route], count)
+                routed.add_metric([name, number, "audit"], len(routing.audit))
                 if routing.cut is not None:
                     cut.add_metric([name, number], routing.cut)
+            audits = wafers.audits()
+            for audit in audits:
+                number = str(audit.set_number)
+                audited.add_metric([name, number, "labelled"], audit.audited)
+                audited.add_metric([name, number, "pending"], audit.pending)
+                if audit.accuracy is not None:
+                    accuracy.add_metric([name, number], audit.accuracy)
+                    accuracy_low.add_metric([name, number], audit.accuracy_interval[0])
+                    labeling_high.add_metric([name, number], audit.labeling_interval[1])
+            if audits:
+                broken.add_metric([name], 1.0 if latest_breach(audits) is not None else 0.0)
+                finished = [a for a in audits if a.pending == 0]
+                recorded = _parse_time(finished[-1].recorded_at) if finished else None
+                if recorded is not None:
+                    since.add_metric([name], (self.now() - recorded).total_seconds())
         yield from (served, age, trained, open_set, routed, cut)
+        yield from (audited, accuracy, accuracy_low, labeling_high, broken, since)
 
     def _jobs(self) -> Iterable[Metric]:
         jobs = GaugeMetricFamily(
@@ -202,19 +253,6 @@ class LoopCollector(Collector):
             return
         up.add_metric([], 1)
         yield from (up, jobs, took)
-
-
-def _routings(store: WaferStore) -> list[SetRouting]:
-    found = []
-    for number in store.sets():
-        path = store.set_dir(number) / "routing.json"
-        try:
-            found.append(SetRouting.from_json(path.read_text()))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("metrics: %s: %s", path, exc)
-    return found
 
 
 def _durations(queue: Queue, job_ids: Sequence[str]) -> list[float]:

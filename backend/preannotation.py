@@ -10,9 +10,11 @@ store, one `import_predictions` call per 2,000 wafers, one accept action per set
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,10 +22,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from backend.audit import cautious_target, draw_audit, latest_breach
 from backend.classifier import WaferClassifier
 from backend.encoding import encode_wafers
 from backend.images import picture_reader
 from backend.job_resources import JobResources
+from backend.label_config import LabelConfig
 from backend.labelstudio import (
     BATCHED_PREDICTION_IMPORT_FLAG,
     FilterOperator,
@@ -45,6 +49,7 @@ from backend.predictions import (
 )
 from backend.reconcile import repair_label_counts
 from backend.routing import Route, RoutingRule
+from backend.settings import Settings
 from backend.uncertainty import Measure
 from backend.wafer_store import SetRouting
 
@@ -113,6 +118,48 @@ def _route_by_cut(p: WaferPrediction, cut: float | None) -> WaferPrediction:
     return replace(p, route=Route.AUTO.value if auto else Route.ENGINEER.value)
 
 
+def _blind(p: WaferPrediction, cut: float | None) -> WaferPrediction:
+    """An audit wafer: routed to engineers, scored one float step below the set's cut (so the
+    accept step never takes it and the engineer queue lists it after the uncertain wafers)."""
+    score = None if cut is None else float(np.nextafter(cut, -np.inf))
+    return replace(p, route=Route.ENGINEER.value, score=score)
+
+
+def _stored_prediction(
+    p: WaferPrediction, labels: LabelConfig, version: str, blind: bool
+) -> dict[str, Any]:
+    """What Label Studio stores for a wafer: its prediction, or for an audit wafer a prediction
+    with no label in it (nothing pre-selected for the engineer)."""
+    stored = to_label_studio(p, labels, version)
+    return {**stored, "result": []} if blind and "result" in stored else stored
+
+
+def routing_settings(resources: JobResources, set_number: int) -> Settings:
+    """The settings a set is routed with: the project's, with half the error budget while the
+    newest finished audit of an earlier set shows the promise broken (`backend.audit`)."""
+    s = resources.settings
+    earlier = [a for a in resources.wafers.audits() if a.set_number < set_number]
+    breach = latest_breach(earlier)
+    if breach is None:
+        return s
+    target = cautious_target(s.target_accuracy)
+    log.warning(
+        "set %d is routed cautiously (target %.4f instead of %.4f): the audit of set %d put "
+        "its labeling accuracy at %.4f at most",
+        set_number,
+        target,
+        s.target_accuracy,
+        breach.set_number,
+        breach.labeling_interval[1],
+    )
+    return dataclasses.replace(s, target_accuracy=target)
+
+
+def audit_rng(project: int, set_number: int, version: str) -> np.random.Generator:
+    """The random draw of a set's audit sample: the same for a project, set and model version."""
+    return np.random.default_rng([project, set_number, zlib.crc32(version.encode())])
+
+
 def preannotate_set(
     resources: JobResources, project: int, set_number: int, classifier: WaferClassifier
 ) -> dict[str, Any]:
@@ -161,10 +208,11 @@ def preannotate_set(
     kept = resources.wafers.routing(set_number, version)
     if kept is not None and not kept.decided:
         kept = None  # a first pass that routed no wafer (every picture unreadable)
+    settings = routing_settings(resources, set_number) if kept is None else resources.settings
     chosen: list[RoutingRule] = []
 
     def rule(probs: npt.NDArray[np.float64]) -> RoutingRule:
-        serving = serving_rule(resources.settings, classifier.card, probs)
+        serving = serving_rule(settings, classifier.card, probs)
         if kept is None:
             chosen.append(serving)
         else:
@@ -183,6 +231,20 @@ def preannotate_set(
     if kept is not None:
         cut = kept.cut
         predicted = [_route_by_cut(p, cut) for p in predicted]
+    # The audit sample: drawn by the first pass, kept with the routing; later passes only
+    # blind the audit wafers they predict again.
+    audit: dict[int, str] = dict(kept.audit) if kept is not None else {}
+    sampled: tuple[int, ...] = kept.sampled if kept is not None else ()
+    if kept is None and predicted:
+        draw = draw_audit(
+            [p.route == Route.AUTO.value for p in predicted],
+            settings.audit_fraction,
+            settings.audit_min,
+            audit_rng(project, set_number, version),
+        )
+        audit = {int(predicted[i].task_id): str(predicted[i].failure_type) for i in draw.audit}
+        sampled = tuple(int(predicted[i].task_id) for i in draw.sampled)
+    predicted = [_blind(p, cut) if p.task_id in audit else p for p in predicted]
     auto = sum(p.route == Route.AUTO.value for p in predicted)
     # The routing is kept before any prediction is stored: a crash after the predictions
     # leaves a set whose accept step the next advance finishes with this cut.
@@ -197,6 +259,8 @@ def preannotate_set(
             engineer=len(predicted) - auto,
             unreadable=len(failed),
             measure=chosen[-1].measure.value if chosen else None,
+            audit=audit,
+            sampled=sampled,
         )
         if predicted or resources.wafers.routing(set_number, version) is None:
             resources.wafers.keep_routing(first)
@@ -217,7 +281,13 @@ def preannotate_set(
     resources.check_lock(f"storing the predictions of set {set_number}")
     stored_count = resources.client.create_predictions(
         project,
-        [{"task": p.task_id, **to_label_studio(p, resources.labels, version)} for p in predicted],
+        [
+            {
+                "task": p.task_id,
+                **_stored_prediction(p, resources.labels, version, p.task_id in audit),
+            }
+            for p in predicted
+        ],
         chunk_size=PREDICTION_CHUNK,
     )
     recounted = (
@@ -258,6 +328,8 @@ def preannotate_set(
         "surplus_predictions_deleted": accepted.predictions_deleted,
         "auto_labels_removed": accepted.annotations_deleted,
         "to_engineers": len(predicted) - auto,
+        "audit_wafers": len(audit),
+        "target_accuracy": settings.target_accuracy,
         "unreadable": len(failed),
         "batched_prediction_import": batched,
         "label_counts_repaired": recounted,

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.label_config import parse_label_config
+from backend.audit import SetAudit
+from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import (
     LABEL_STUDIO_TASK_COLUMNS,
     FilterOperator,
@@ -22,8 +23,10 @@ from backend.labelstudio import (
 )
 from backend.loop_state import SetState
 from backend.model_store import ModelStore
+from backend.set_audits import live_audit
 from backend.settings import Settings
 from backend.wafer_sets import INITIAL_SET
+from backend.wafer_store import WaferStore
 from backend.webhook_auth import webhook_headers, webhook_token
 
 #: Data Manager tabs the set-up command creates (title -> purpose).
@@ -288,5 +291,66 @@ def status_table(states: Mapping[int, SetState], versions: list[dict[str, Any]])
             f"| {v['version']} | {'yes' if v.get('served') else ''} "
             f"| {v.get('trained_through_set', '')} | {int(v.get('validation_wafers', 0))} "
             f"| {'' if acc is None else f'{acc:.2%}'} | {v.get('route_threshold', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def project_audits(
+    client: LabelStudioClient,
+    wafers: WaferStore,
+    states: Mapping[int, SetState],
+    labels: LabelConfig,
+    target_accuracy: float,
+) -> list[SetAudit]:
+    """Each audited set's audit: the one recorded when the set finished, else the audit so far
+    (its audit wafers read from Label Studio one by one)."""
+    auto_user = client.current_user_id()
+    found = []
+    for routing in wafers.routings():
+        if not routing.audit:
+            continue
+        recorded = wafers.audit(routing.set_number)
+        if recorded is not None and recorded.pending == 0:
+            found.append(recorded)
+            continue
+        state = states.get(routing.set_number)
+        found.append(
+            live_audit(
+                client,
+                routing,
+                labels,
+                auto_user,
+                target_accuracy,
+                auto_labels=state.auto if state is not None else routing.auto,
+                wafers=state.total if state is not None else 0,
+            )
+        )
+    return found
+
+
+def audit_table(audits: Sequence[SetAudit]) -> str:
+    """The audits as a Markdown table (intervals: exact, two-sided)."""
+    lines = [
+        "| set | audit wafers | labelled | agree | auto-label accuracy (interval) "
+        "| labeling accuracy (interval) | target | promise |",
+        "|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    for a in audits:
+        f = a.summary()
+        if a.audited:
+            auto = (
+                f"{f['audited_accuracy']:.2%} ({f['audited_accuracy_low']:.2%}-"
+                f"{f['audited_accuracy_high']:.2%})"
+            )
+            lab = (
+                f"{f['labeling_accuracy']:.2%} ({f['labeling_accuracy_low']:.2%}-"
+                f"{f['labeling_accuracy_high']:.2%})"
+            )
+        else:
+            auto = lab = "not yet"
+        verdict = "BROKEN" if a.breached else ("in progress" if a.pending else "kept")
+        lines.append(
+            f"| {a.set_number} | {a.audited + a.pending} | {a.audited} | {a.agreed} | {auto} "
+            f"| {lab} | {a.target_accuracy:.2%} | {verdict} |"
         )
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from backend.loop_state import (
 )
 from backend.model_card import HeldOutScores, ModelCard
 from backend.replay import RetrainPolicy, plan_retraining
+from backend.set_audits import record_audits, sampled_wafers
 from backend.splits import stable_holdout, unrouted_holdout, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
 from backend.uncertainty import Measure, uncertainty
@@ -178,6 +179,9 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     size = current.card.image_size if current is not None else s.image_size
     report_stage("listing labelled wafers")
     tasks = [t for t in resources.client.labelled_tasks(project) if kept_annotations(t)]
+    audits = record_audits(
+        resources.wafers, tasks, resources.labels, resources.auto_user, s.target_accuracy
+    )
     examples = training_examples(resources, tasks, size)
     codes, classes, skipped = examples.codes, examples.classes, examples.skipped
     if len(codes) < 2:
@@ -265,7 +269,12 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     # labels are its most uncertain wafers and would make every later cut too cautious.
     val_mask = np.zeros(len(codes), dtype=np.bool_)
     val_mask[val] = True
-    fair, unrouted = unrouted_holdout(val_mask, examples.by_person, examples.set_numbers)
+    fair, unrouted = unrouted_holdout(
+        val_mask,
+        examples.by_person,
+        examples.set_numbers,
+        sampled=sampled_wafers(resources.wafers, examples.task_ids),
+    )
     calibration_wafers = np.flatnonzero(fair)
     if len(calibration_wafers):
         probs = model.predict_proba(codes[calibration_wafers])
@@ -276,7 +285,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
             card,
             training={
                 **card.training,
-                "calibration_wafers": "unrouted sets" if unrouted else "all person labels",
+                "calibration_wafers": "random wafers" if unrouted else "all person labels",
             },
         )
         metrics |= calibration
@@ -316,6 +325,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
         "wafers": len(codes),
         "skipped": skipped,
         "validation_accuracy": metrics.get("validation_accuracy"),
+        "audits": [a.summary() for a in audits if a.set_number == set_number],
         "rule": serving_rule(s, model.card).describe(),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -38,6 +38,8 @@ ENVIRONMENT = {
     "WAFER_TARGET_ACCURACY": "labeling accuracy the auto-accept threshold is calibrated to (default 0.995)",
     "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence or entropy",
     "WAFER_PROMISE_CONFIDENCE": "probability with which each set's labeling accuracy meets WAFER_TARGET_ACCURACY (default 0.95; 0: calibrate the expected accuracy instead)",
+    "WAFER_AUDIT_FRACTION": "share of each set's auto-routed wafers held back from auto-accept and labelled blind by engineers, to check the promise (default 0.02; 0 turns audits off)",
+    "WAFER_AUDIT_MIN": "fewest audit wafers a set gets, when it has that many auto-routed wafers (default 50)",
     "WAFER_ROUTE_THRESHOLD": "fixed threshold on that measure instead of calibration (engineer when above)",
     "WAFER_EPOCHS": "training epochs per retraining (default 5)",
     "WAFER_VALIDATION_FRACTION": "share of annotated wafers held out to calibrate the threshold (default 0.15)",
@@ -115,6 +117,9 @@ class Settings:
     #: P(a set's labeling accuracy >= target_accuracy) the cut keeps (0: expected accuracy).
     promise_confidence: float = 0.95
     route_measure: str = "margin"
+    #: Share of a set's auto-routed wafers audited blind, and the fewest (`backend.audit`).
+    audit_fraction: float = 0.02
+    audit_min: int = 50
     route_threshold: float | None = None
     epochs: int = 5
     validation_fraction: float = 0.15
@@ -154,6 +159,11 @@ class Settings:
             raise ValueError(f"target accuracy must be within (0, 1), got {self.target_accuracy}")
         if self.route_measure not in ROUTE_MEASURES:
             raise ValueError(f"route measure must be one of {', '.join(ROUTE_MEASURES)}")
+        if not 0.0 <= self.audit_fraction <= 1.0 or self.audit_min < 0:
+            raise ValueError(
+                "WAFER_AUDIT_FRACTION must be within [0, 1] and WAFER_AUDIT_MIN 0 or more, got "
+                f"{self.audit_fraction} and {self.audit_min}"
+            )
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -215,6 +225,8 @@ class Settings:
             promise_confidence=_float(environ, "WAFER_PROMISE_CONFIDENCE", 0.95) or 0.0,
             route_measure=_choice(environ, "WAFER_ROUTE_MEASURE", "margin", ROUTE_MEASURES),
             route_threshold=_float(environ, "WAFER_ROUTE_THRESHOLD", None),
+            audit_fraction=_float(environ, "WAFER_AUDIT_FRACTION", 0.02) or 0.0,
+            audit_min=_int(environ, "WAFER_AUDIT_MIN", 50),
             epochs=_int(environ, "WAFER_EPOCHS", 5),
             validation_fraction=_float(environ, "WAFER_VALIDATION_FRACTION", 0.15) or 0.15,
             image_hosts=parse_hosts(environ.get("WAFER_IMAGE_HOSTS", "")),

@@ -193,6 +193,7 @@ def unrouted_holdout(
     by_person: npt.ArrayLike,
     set_numbers: npt.ArrayLike,
     minimum: int = MIN_UNROUTED_CALIBRATION_WAFERS,
+    sampled: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.bool_], bool]:
     """The held-out wafers to calibrate routing on, and whether they are all from unrouted sets.
 
@@ -200,16 +201,21 @@ def unrouted_holdout(
     labelled are the ones the model was unsure of, so they overstate its error rate at every
     score and make the calibrated cut too cautious (measured on the full study: 15.2% engineer
     labels instead of 12.5% for the same promise). The held-out wafers of sets that persons
-    labelled completely are a fair sample. When there are fewer than ``minimum`` of those, all
-    held-out wafers are used, as before (the flag is then False).
+    labelled completely are a fair sample, and so are the held-out wafers of a routed set's
+    random audit sample (``sampled``: `backend.audit`), which persons labelled whatever their
+    route. When there are fewer than ``minimum`` of those, all held-out wafers are used, as
+    before (the flag is then False).
     """
     held = np.asarray(held_out, dtype=np.bool_)
     person = np.asarray(by_person, dtype=np.bool_)
     sets = np.asarray(set_numbers, dtype=np.int64)
     if not (held.shape == person.shape == sets.shape) or held.ndim != 1:
         raise ValueError("held_out, by_person and set_numbers need one entry per wafer")
+    random = np.zeros(held.shape, np.bool_) if sampled is None else np.asarray(sampled, np.bool_)
+    if random.shape != held.shape:
+        raise ValueError("sampled needs one entry per wafer")
     routed_sets = np.unique(sets[~person])
-    fair = held & ~np.isin(sets, routed_sets)
+    fair = held & (~np.isin(sets, routed_sets) | (random & person))
     if fair.sum() >= minimum:
         return fair, True
     return held, False

@@ -8,7 +8,8 @@ listing 17,295 tasks with their pictures took 93 s before one wafer was decoded)
     MODEL_DIR/projects/<id>/wafers/set-<n>/<first task id>-<last task id>.npz
 
 one compressed file per imported chunk (and `set-<n>/routing.json`, the `SetRouting` the
-pre-annotation decided for the set): the task ids, the wafer's source and wafer id (the row in
+pre-annotation decided for the set, with its audit sample; `set-<n>/audit.json`, the set's
+`backend.audit.SetAudit` once its audit wafers are labelled): the task ids, the wafer's source and wafer id (the row in
 that source), lot and slot, and the die maps in the ragged layout of `backend.wafers.WaferMaps`.
 Files are written atomically (a temporary file, then a rename) and never changed afterwards.
 
@@ -20,6 +21,7 @@ as before. A file that cannot be read is skipped with a logged error, never trus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from backend.audit import SetAudit
 from backend.encoding import encode_wafers
 from backend.files import (
     atomic_write_text,
@@ -45,7 +48,9 @@ log = logging.getLogger(__name__)
 _CHUNK_NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
 _SET_NAME = re.compile(r"^set-(\d+)$")
 _ARRAYS = ("task_ids", "sources", "wafer_ids", "lots", "wafer_index", "flat", "offsets", "shapes")
-_ROUTING_MAX_BYTES = 64 * 1024
+#: routing.json carries the audit sample's task ids: about 40 bytes a sampled wafer.
+_ROUTING_MAX_BYTES = 4 * 1024 * 1024
+_AUDIT_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,12 @@ class SetRouting:
     once per model version (`WaferStore.keep_routing`): an accept step that did not finish is
     finished later with the same cut, and wafers added to the set later (a lost TASKS_CREATED)
     are routed by it too. `measure` is the uncertainty measure the scores are stated in
-    (None in routings kept before it was recorded); the counts are those of the first pass."""
+    (None in routings kept before it was recorded); the counts are those of the first pass.
+
+    `audit` maps the task id of each audit wafer (auto-routed, held back from the accept step
+    and labelled blind by engineers, `backend.audit`) to the model's label; `sampled` are the
+    engineer-routed wafers of the same random sample. `auto` counts the wafers routed auto and
+    accepted (audit wafers not included), `engineer` the rest that were predicted."""
 
     set_number: int
     model_version: str
@@ -65,6 +75,8 @@ class SetRouting:
     engineer: int
     unreadable: int
     measure: str | None = None
+    audit: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    sampled: tuple[int, ...] = ()
 
     @property
     def decided(self) -> bool:
@@ -72,13 +84,23 @@ class SetRouting:
         no cut, and a later pass of the same version may decide it)."""
         return self.auto + self.engineer > 0
 
+    @property
+    def sample(self) -> frozenset[int]:
+        """Task ids of the set's random sample (audit wafers and sampled engineer wafers)."""
+        return frozenset(self.audit) | frozenset(self.sampled)
+
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
+        fields = self.__dict__ | {
+            "audit": [[t, label] for t, label in sorted(self.audit.items())],
+            "sampled": list(self.sampled),
+        }
+        return json.dumps(fields, indent=0)
 
     @classmethod
     def from_json(cls, text: str) -> SetRouting:
         data = json.loads(text)
         cut = data.get("cut")
+        audit = {int(t): str(label) for t, label in data.get("audit") or []}
         return cls(
             set_number=int(data["set_number"]),
             model_version=str(data["model_version"]),
@@ -88,6 +110,8 @@ class SetRouting:
             engineer=int(data.get("engineer", 0)),
             unreadable=int(data.get("unreadable", 0)),
             measure=None if data.get("measure") is None else str(data["measure"]),
+            audit=audit,
+            sampled=tuple(int(t) for t in data.get("sampled") or []),
         )
 
 
@@ -164,6 +188,41 @@ class WaferStore:
         folder = self.set_dir(routing.set_number)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "routing.json", routing.to_json())
+
+    def save_audit(self, audit: SetAudit) -> None:
+        """Write the set's audit (atomically replacing an earlier one)."""
+        folder = self.set_dir(audit.set_number)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "audit.json", audit.to_json())
+
+    def audit(self, set_number: int) -> SetAudit | None:
+        """The set's audit, or None when there is none (or it is unreadable: logged)."""
+        path = self.set_dir(set_number) / "audit.json"
+        try:
+            return SetAudit.from_json(read_regular_file(path, _AUDIT_MAX_BYTES).decode())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("wafer store: unreadable audit of set %d (%s)", set_number, exc)
+            return None
+
+    def audits(self) -> list[SetAudit]:
+        """Every set's audit, by set number."""
+        return [a for n in self.sets() if (a := self.audit(n)) is not None]
+
+    def routings(self) -> list[SetRouting]:
+        """Every set's routing (whatever model version made it), by set number."""
+        found = []
+        for number in self.sets():
+            path = self.set_dir(number) / "routing.json"
+            if not path.exists():
+                continue
+            try:
+                text = read_regular_file(path, _ROUTING_MAX_BYTES).decode()
+                found.append(SetRouting.from_json(text))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("wafer store: unreadable routing of set %d (%s)", number, exc)
+        return found
 
     def keep_routing(self, routing: SetRouting) -> SetRouting:
         """The set's routing by `routing.model_version`, written once: an existing readable one

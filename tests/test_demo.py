@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.harness.demo import SetRow, _stop_on_signals, results_table
+from backend.audit import SetAudit
+from backend.harness.demo import SetRow, _stop_on_signals, report, results_table
 from backend.harness.simulated_engineers import SetCheck
 
 
@@ -22,13 +23,25 @@ def test_sigterm_stops_the_demo_like_ctrl_c() -> None:
 
 
 def test_results_table_totals() -> None:
+    audit = SetAudit(2, "v002-set1", 100, 70, 10, 10, 0, 0.995)
     rows = [
         SetRow(SetCheck(1, 100, 60, 40, 1, 0, "v001-set0"), 5.0, 30.0),
-        SetRow(SetCheck(2, 100, 30, 70, 0, 0, "v002-set1"), 4.0, 25.5),
+        SetRow(SetCheck(2, 100, 30, 70, 0, 0, "v002-set1"), 4.0, 25.5, audit, 0.93),
     ]
     table = results_table(rows)
-    assert "| 1 | 100 | 60 (60.0%) | 40 | 1 | 99.00% | v001-set0 | 30.0 s |" in table
-    assert "| all | 200 | 90 (45.0%) | 110 | 1 | 99.50% | | |" in table
+    assert (
+        "| 1 | 100 | 60 (60.0%) | - | - | 40 | 1 | 99.00% | MISSED | v001-set0 | 30.0 s |" in table
+    )
+    assert (
+        "| 2 | 100 | 30 (30.0%) | 10 | 100.00% (69.15%-100.00%) | 70 | 0 | 100.00% | met" in table
+    )
+    assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | |" in table
+    figures = report(rows)
+    assert figures["sets_below_target"] == 1 and figures["engineer_share"] == 0.45
+    two = figures["sets"][1]
+    assert (two["audit_wafers"], two["audited_accuracy"], two["cut"]) == (10, 1.0, 0.93)
+    assert two["audited_interval"][0] == pytest.approx(0.025 ** (1 / 10))
+    assert figures["sets"][0]["audited_interval"] is None
 
 
 def test_the_demo_plan_is_a_history_plus_sets_of_the_asked_size() -> None:

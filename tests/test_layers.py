@@ -40,6 +40,7 @@ LAYERS = {
         "project_ids",
         "webhook_auth",
         "picture_structure",
+        "audit",
     },
     1: {
         "classifier",
@@ -64,6 +65,7 @@ LAYERS = {
         "first_model",
         "events",
         "projects",
+        "set_audits",
     },
     3: {
         "cli",

@@ -44,7 +44,13 @@ from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
 from backend.loop_keys import QUEUES, TRAINING_QUEUE, retrain_job_id
 from backend.model_store import ModelStore
-from backend.projects import ENGINEER_VIEW, set_counts, wire_project
+from backend.projects import (
+    ENGINEER_VIEW,
+    audit_table,
+    project_audits,
+    set_counts,
+    wire_project,
+)
 from backend.settings import Settings
 from backend.wafer_sets import WM811K_SOURCE, SetPlan, import_sets, import_wafers, plan_sets
 from backend.wafer_store import WaferStore
@@ -113,6 +119,8 @@ def loop(
         # every wafer to engineers, and this test must see both routes.
         "WAFER_ROUTE_MEASURE": "least-confidence",
         "WAFER_ROUTE_THRESHOLD": "0.3",
+        # Blind audits at the default 2% of the auto-routed wafers, at least 8 a set.
+        "WAFER_AUDIT_MIN": "8",
         # Every advance here is the test's (or a webhook's); the workers' own periodic
         # reconcile is tested in tests/test_loop_repairs.py.
         "WAFER_RECONCILE_INTERVAL_S": "0",
@@ -192,11 +200,24 @@ def test_set_1_is_pre_annotated_and_its_confident_wafers_accepted(
     assert len(tasks) == len(loop.plan.members(1))
     assert routing.auto + routing.engineer == len(tasks) and routing.unreadable == 0
     routes = {"auto": 0, "engineer": 0}
+    # The blind audit: 8 auto-routed wafers (the minimum) held back for the engineers, with a
+    # prediction that pre-selects nothing, scored just below the cut.
+    assert len(routing.audit) == 8 and set(routing.audit.values()) <= set(
+        label_config.failure_types
+    )
+    ids = {int(t["id"]) for t in tasks}
+    assert set(routing.audit) <= ids and set(routing.sampled) <= ids
+    assert not set(routing.audit) & set(routing.sampled)
     for task in tasks:
         ours = _version_of(task, first)
         assert len(ours) == 1, f"task {task['id']} has {len(ours)} predictions of {first}"
         score = ours[0]["score"]
         assert 0.0 < score <= 1.0
+        if int(task["id"]) in routing.audit:
+            assert ours[0]["result"] == [] and score < routing.cut
+            assert task["annotations"] == []
+            routes["engineer"] += 1
+            continue
         assert ours[0]["result"][0]["value"]["choices"][0] in label_config.failure_types
         # No task data is written by the pre-annotation (the die maps came from the store).
         assert "route" not in task["data"] and "model_version" not in task["data"]
@@ -298,6 +319,25 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     outcome = set_outcome(backend_client, loop.project, 1, loop.truth, label_config, auto_user)
     assert outcome.waiting == 0 and outcome.engineer == labelled
     assert outcome.auto + outcome.engineer == len(loop.plan.members(1))
+
+    # The retraining recorded set 1's audit: the engineers' labels of the audit wafers against
+    # the model's labels, which the test knows from the truth.
+    audit = loop.wafers.audit(1)
+    routing_1 = loop.wafers.routing(1, str(first))
+    assert audit is not None and routing_1 is not None
+    wafer_of = {
+        int(t["id"]): int(t["data"]["wafer_id"])
+        for t in backend_client.tasks_of_set(loop.project, 1)
+    }
+    agree = sum(loop.truth[wafer_of[t]] == label for t, label in routing_1.audit.items())
+    assert (audit.audited, audit.pending, audit.agreed) == (8, 0, agree)
+    assert (audit.wafers, audit.auto_labels) == (len(loop.plan.members(1)), outcome.auto)
+    low, high = audit.accuracy_interval
+    assert 0.0 <= low <= agree / 8 <= high <= 1.0
+    # `status` shows it.
+    states = set_counts(backend_client, loop.project, auto_user, second)
+    shown = audit_table(project_audits(backend_client, loop.wafers, states, label_config, 0.995))
+    assert f"| 1 | 8 | 8 | {agree} |" in shown
 
 
 def _start_training(loop: Loop) -> None:

@@ -140,6 +140,9 @@ def world(
         "WAFER_ROUTE_THRESHOLD": "0.5",
         # The timer's own test starts its own worker; here every advance is the test's.
         "WAFER_RECONCILE_INTERVAL_S": "0",
+        # Sets of a few dozen wafers: the audit's minimum would take every auto-routed wafer.
+        # Audits are tested in tests/test_loop.py.
+        "WAFER_AUDIT_FRACTION": "0",
     }
     plan = plan_sets(real_wafers[0], subsample=0.0003, initial_fraction=0.5, n_sets=1, seed=11)
     truth = {

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Queue, SimpleWorker
 
+from backend.audit import SetAudit
 from backend.classifier import WaferClassifier, build_network
 from backend.model_card import ModelCard
 from backend.model_store import ModelStore
@@ -75,6 +76,13 @@ def test_the_loop_state_is_read_from_the_stores_and_rq(tmp_path: Path, redis: Re
     for number, (auto, engineer, cut) in {1: (900, 100, 0.97), 2: (850, 140, 0.985)}.items():
         wafers.set_dir(number).mkdir(parents=True)
         wafers.save_routing(SetRouting(number, "v002-set1", "margin", cut, auto, engineer, 10))
+    # Set 1's blind audit finished: 45 of 50 agree, so its labeling accuracy is at most about
+    # 1 - 0.9 * (1 - 0.967) < 99.5%: the promise is broken.
+    wafers.save_audit(
+        SetAudit(
+            1, "v002-set1", 1000, 900, 50, 45, 0, 0.995, recorded_at="2026-12-04T11:30:00+00:00"
+        )
+    )
     queue = Queue("wafermap-events", connection=redis)
     queue.enqueue("math.sqrt", 4)
     queue.enqueue("math.sqrt", -1)  # fails: a math domain error
@@ -103,6 +111,19 @@ def test_the_loop_state_is_read_from_the_stores_and_rq(tmp_path: Path, redis: Re
     assert got[("wafer_open_set", (("project", "7"),))] == 2
     assert got[("wafer_set_wafers", (("project", "7"), ("route", "engineer"), ("set", "2")))] == 140
     assert got[("wafer_set_cut", (("project", "7"), ("set", "1")))] == pytest.approx(0.97)
+    assert got[("wafer_set_wafers", (("project", "7"), ("route", "audit"), ("set", "1")))] == 0
+    assert (
+        got[("wafer_set_audit_wafers", (("project", "7"), ("set", "1"), ("state", "labelled")))]
+        == 50
+    )
+    assert got[("wafer_set_audited_accuracy_ratio", (("project", "7"), ("set", "1")))] == 0.9
+    low = got[("wafer_set_audited_accuracy_lower_ratio", (("project", "7"), ("set", "1")))]
+    assert 0.75 < low < 0.9
+    assert (
+        got[("wafer_set_labeling_accuracy_upper_ratio", (("project", "7"), ("set", "1")))] < 0.995
+    )
+    assert got[("wafer_promise_broken", (("project", "7"),))] == 1
+    assert got[("wafer_last_set_finished_seconds", (("project", "7"),))] == 1800
     jobs = {
         state: got[("wafer_jobs", (("queue", "wafermap-events"), ("state", state)))]
         for state in ("queued", "started", "finished", "failed")

@@ -175,6 +175,9 @@ def world(
         # Every advance here is the test's (or a webhook's); the workers' own periodic
         # reconcile is tested in tests/test_loop_repairs.py.
         "WAFER_RECONCILE_INTERVAL_S": "0",
+        # Sets of a few dozen wafers: the audit's minimum would take every auto-routed wafer.
+        # Audits are tested in tests/test_loop.py.
+        "WAFER_AUDIT_FRACTION": "0",
     }
     settings = dataclasses.replace(
         Settings.from_env(env), label_config_path=Settings().label_config_path

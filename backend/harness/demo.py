@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from redis import Redis
 
+from backend.audit import SetAudit
 from backend.classifier import pick_device
 from backend.files import atomic_write_text
 from backend.first_model import cached_first_model, history_from_wafers
@@ -100,6 +101,15 @@ class SetRow:
     outcome: SetCheck
     engineer_seconds: float  # labelling the uncertain wafers through the SDK
     next_set_seconds: float  # last label -> next set pre-annotated and accepted
+    #: The set's blind audit as the retraining recorded it (None: audits off).
+    audit: SetAudit | None = None
+    #: The prediction score at and above which the set's wafers were auto-labelled.
+    cut: float | None = None
+    target_accuracy: float = 0.995
+
+    @property
+    def promise_met(self) -> bool:
+        return self.outcome.waiting == 0 and self.outcome.accuracy >= self.target_accuracy
 
 
 def _service_env(settings: Settings, ls_url: str, token: str, redis_url: str) -> dict[str, str]:
@@ -304,7 +314,18 @@ def run_demo(
                 outcome = set_outcome(
                     backend_account, wiring.project, number, truth, labels, auto_user
                 )
-                rows.append(SetRow(outcome, engineer_seconds, next_seconds))
+                store = WaferStore.for_project(settings.model_dir, wiring.project)
+                routing = next((r for r in store.routings() if r.set_number == number), None)
+                rows.append(
+                    SetRow(
+                        outcome,
+                        engineer_seconds,
+                        next_seconds,
+                        audit=store.audit(number),
+                        cut=routing.cut if routing is not None else None,
+                        target_accuracy=settings.target_accuracy,
+                    )
+                )
                 say(
                     f"set {number}: {outcome.engineer} engineer labels ({labelled} now), "
                     f"{outcome.auto} auto labels, {outcome.auto_errors} wrong, model "
@@ -313,7 +334,51 @@ def run_demo(
                 )
         atomic_write_text(out / "results.json", json.dumps([_row_json(r) for r in rows], indent=2))
         atomic_write_text(out / "results.md", results_table(rows))
+        atomic_write_text(out / "report.json", json.dumps(report(rows), indent=2))
     return rows
+
+
+def report(rows: list[SetRow]) -> dict[str, Any]:
+    """`report.json`: per set its wafers, engineer labels (audit wafers included), the blind
+    audit's figures, the true accuracy of the auto labels and of all labels, and whether the
+    promise was met; then the totals."""
+    sets = []
+    for r in rows:
+        o = r.outcome
+        a = r.audit.summary() if r.audit is not None else {}
+        sets.append(
+            {
+                "set": o.set_number,
+                "wafers": o.wafers,
+                "engineer_labels": o.engineer,
+                "engineer_share": o.engineer_ratio,
+                "audit_wafers": a.get("audited", 0),
+                "audited_accuracy": a.get("audited_accuracy"),
+                "audited_interval": [a.get("audited_accuracy_low"), a.get("audited_accuracy_high")]
+                if a
+                else None,
+                "auto_labels": o.auto,
+                "auto_label_accuracy": 1 - o.auto_errors / o.auto if o.auto else None,
+                "true_accuracy": o.accuracy,
+                "target_accuracy": r.target_accuracy,
+                "promise_met": r.promise_met,
+                "cut": r.cut,
+                "model_version": o.model_version,
+                "engineer_seconds": r.engineer_seconds,
+                "next_set_seconds": r.next_set_seconds,
+            }
+        )
+    wafers = sum(r.outcome.wafers for r in rows)
+    errors = sum(r.outcome.auto_errors for r in rows)
+    engineer = sum(r.outcome.engineer for r in rows)
+    return {
+        "sets": sets,
+        "wafers": wafers,
+        "engineer_labels": engineer,
+        "engineer_share": engineer / wafers if wafers else None,
+        "true_accuracy": 1 - errors / wafers if wafers else None,
+        "sets_below_target": sum(not r.promise_met for r in rows),
+    }
 
 
 def _row_json(row: SetRow) -> dict[str, Any]:
@@ -328,15 +393,24 @@ def _row_json(row: SetRow) -> dict[str, Any]:
 def results_table(rows: list[SetRow]) -> str:
     """The per-set table and the totals, as Markdown."""
     lines = [
-        "| set | wafers | engineer labels | auto labels | wrong auto labels | accuracy "
-        "| model version | last label -> next set ready |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| set | wafers | engineer labels | audit wafers | audited auto-label accuracy "
+        "| auto labels | wrong auto labels | accuracy | promise | model version "
+        "| last label -> next set ready |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         o = r.outcome
+        a = r.audit
+        audited = str(a.audited) if a is not None else "-"
+        if a is not None and a.accuracy is not None:
+            low, high = a.accuracy_interval
+            audit_accuracy = f"{a.accuracy:.2%} ({low:.2%}-{high:.2%})"
+        else:
+            audit_accuracy = "-"
         lines.append(
-            f"| {o.set_number} | {o.wafers} | {o.engineer} ({o.engineer_ratio:.1%}) | {o.auto} "
-            f"| {o.auto_errors} | {o.accuracy:.2%} | {o.model_version} "
+            f"| {o.set_number} | {o.wafers} | {o.engineer} ({o.engineer_ratio:.1%}) | {audited} "
+            f"| {audit_accuracy} | {o.auto} | {o.auto_errors} | {o.accuracy:.2%} "
+            f"| {'met' if r.promise_met else 'MISSED'} | {o.model_version} "
             f"| {r.next_set_seconds:.1f} s |"
         )
     wafers = sum(r.outcome.wafers for r in rows)
@@ -345,7 +419,9 @@ def results_table(rows: list[SetRow]) -> str:
     if wafers:
         lines.append(
             f"| all | {wafers} | {engineer} ({engineer / wafers:.1%}) "
-            f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} | | |"
+            f"| {sum(r.audit.audited for r in rows if r.audit is not None)} | "
+            f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} "
+            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | |"
         )
     return "\n".join(lines) + "\n"
 
