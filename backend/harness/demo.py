@@ -326,16 +326,22 @@ def run_demo(
                         target_accuracy=settings.target_accuracy,
                     )
                 )
+                write_results(out, rows)
                 say(
                     f"set {number}: {outcome.engineer} engineer labels ({labelled} now), "
                     f"{outcome.auto} auto labels, {outcome.auto_errors} wrong, model "
                     f"{outcome.model_version}; next set ready {next_seconds:.1f} s after the "
                     "last engineer label"
                 )
-        atomic_write_text(out / "results.json", json.dumps([_row_json(r) for r in rows], indent=2))
-        atomic_write_text(out / "results.md", results_table(rows))
-        atomic_write_text(out / "report.json", json.dumps(report(rows), indent=2))
     return rows
+
+
+def write_results(out: Path, rows: list[SetRow]) -> None:
+    """results.json, results.md and report.json of the sets finished so far (after each set,
+    so a long run that is stopped keeps what it measured)."""
+    atomic_write_text(out / "results.json", json.dumps([_row_json(r) for r in rows], indent=2))
+    atomic_write_text(out / "results.md", results_table(rows))
+    atomic_write_text(out / "report.json", json.dumps(report(rows), indent=2))
 
 
 def report(rows: list[SetRow]) -> dict[str, Any]:
