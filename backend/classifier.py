@@ -183,6 +183,20 @@ class WaferClassifier:
                 out[part] = torch.softmax(logits, dim=1).double().cpu().numpy()
         return out
 
+    def predict_views(
+        self,
+        codes: npt.NDArray[np.uint8],
+        views: int = 8,
+        batch_size: int = 256,
+        progress: str | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Softmax probabilities (views, n, classes) of the wafer's first ``views`` symmetric
+        drawings (`predict_logits`), the card's logit adjustment included."""
+        logits = self.predict_logits(codes, views, batch_size, progress).astype(np.float64)
+        logits -= logits.max(axis=2, keepdims=True)
+        exp = np.exp(logits)
+        return np.asarray(exp / exp.sum(axis=2, keepdims=True), dtype=np.float64)
+
     def predict_logits(
         self,
         codes: npt.NDArray[np.uint8],

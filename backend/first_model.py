@@ -43,11 +43,12 @@ from backend.loop_state import (
     labelled_by_person,
 )
 from backend.model_card import ModelCard
+from backend.predictions import wafer_probabilities
 from backend.retraining import holdout_key, with_validation
 from backend.settings import Settings
 from backend.splits import stable_holdout, stratified_sample, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_network
-from backend.uncertainty import Measure
+from backend.uncertainty import Measure, views_for
 from backend.wafer_sets import INITIAL_SET
 from backend.wafers import WaferMaps
 
@@ -226,7 +227,12 @@ def train_first_model(
     metrics: dict[str, float] = {"train_wafers": float(len(train))}
     if len(val):
         started = time.perf_counter()
-        probs = model.predict_proba(history.codes[val], progress="validating" if progress else None)
+        probs = wafer_probabilities(
+            model,
+            history.codes[val],
+            views_for(measure),
+            progress="validating" if progress else None,
+        )
         figures["predict_wafers_per_second"] = len(val) / (time.perf_counter() - started)
         card, calibration = with_validation(
             card, probs, history.classes[val], measure, settings.target_accuracy

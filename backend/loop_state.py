@@ -249,6 +249,20 @@ def trained_through(card: ModelCard | None) -> int | None:
     return None if card is None else card.trained_through_set
 
 
+def route_measure(settings: Settings, card: ModelCard | None) -> Measure:
+    """The measure `serving_rule` routes by: the settings' with a fixed threshold or without a
+    model; else the one the model's held-out wafers were scored in (its calibration), else the
+    one it was trained for."""
+    measure = Measure(settings.route_measure)
+    if settings.route_threshold is not None or card is None:
+        return measure
+    if card.validation is not None:
+        return Measure(card.validation.measure)
+    if "route_threshold" in card.metrics:
+        return Measure(card.route_measure or measure.value)
+    return measure
+
+
 def serving_rule(
     settings: Settings, card: ModelCard | None, probs: npt.NDArray[np.float64] | None = None
 ) -> RoutingRule:
@@ -260,7 +274,8 @@ def serving_rule(
     at least WAFER_TARGET_ACCURACY with that probability (`backend.calibration.promise_cut`),
     or, with WAFER_PROMISE_CONFIDENCE=0, so that its expected accuracy is (a Wilson bound per
     threshold, `calibrate`). Else the threshold calibrated at training time; else (no
-    validation yet) every wafer goes to engineers.
+    validation yet) every wafer goes to engineers. The measure is `route_measure`'s; `probs`
+    are (n, k), or (views, n, k) for a measure of several drawings.
     """
     measure = Measure(settings.route_measure)
     if settings.route_threshold is not None:
@@ -268,7 +283,7 @@ def serving_rule(
     if card is None:
         return RoutingRule(measure, -math.inf)
     validation = card.validation
-    if probs is not None and validation is not None and len(probs):
+    if probs is not None and validation is not None and np.asarray(probs).size:
         stored = Measure(validation.measure)
         scores = np.asarray(validation.scores, dtype=np.float64)
         correct = np.asarray(validation.correct, dtype=np.bool_)

@@ -39,7 +39,7 @@ from backend.labelstudio import (
     unlabelled_filter,
 )
 from backend.loop_keys import opened_key
-from backend.loop_state import LabelSource, label_sources, serving_rule
+from backend.loop_state import LabelSource, label_sources, route_measure, serving_rule
 from backend.predictions import (
     WaferPrediction,
     check_failure_types,
@@ -50,7 +50,7 @@ from backend.predictions import (
 from backend.reconcile import repair_label_counts
 from backend.routing import Route, RoutingRule
 from backend.settings import Settings
-from backend.uncertainty import Measure
+from backend.uncertainty import Measure, views_for
 from backend.wafer_store import SetRouting
 
 log = logging.getLogger(__name__)
@@ -221,11 +221,21 @@ def preannotate_set(
             chosen.append(RoutingRule(measure, math.inf))
         return chosen[-1]
 
+    measure = (
+        Measure(kept.measure)
+        if kept is not None and kept.measure
+        else route_measure(settings, classifier.card)
+    )
     predicted: list[WaferPrediction] = []
     cut: float | None = None
     if task_ids:
         predicted, routed = predict_codes(
-            task_ids, codes, classifier, rule, progress=f"predicting set {set_number}"
+            task_ids,
+            codes,
+            classifier,
+            rule,
+            progress=f"predicting set {set_number}",
+            views=views_for(measure),
         )
         cut = routed.cut
     if kept is not None:

@@ -36,7 +36,7 @@ from backend.classifier import WaferClassifier
 from backend.images import escape_controls, request_pixel_budget
 from backend.label_config import LabelConfig
 from backend.routing import Route, RoutingRule, ScoredRoutes, scored_routes
-from backend.uncertainty import entropy, least_confidence, margin
+from backend.uncertainty import entropy, least_confidence, margin, mean_over_views
 
 #: `WaferPrediction.route` of a task that could not be predicted.
 ERROR_ROUTE = "error"
@@ -160,6 +160,7 @@ def predict_tasks(
     rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     fetch: Callable[[str], npt.NDArray[np.uint8]],
     stored: Mapping[int, npt.NDArray[np.uint8]] | None = None,
+    views: int = 1,
 ) -> list[WaferPrediction]:
     """One `WaferPrediction` per task, in task order.
 
@@ -179,11 +180,24 @@ def predict_tasks(
     if readable:
         codes = np.stack([r for r in read if not isinstance(r, WaferPrediction)])
         predicted, _ = predict_codes(
-            [_task_id(tasks[i]) for i in readable], codes, classifier, rule
+            [_task_id(tasks[i]) for i in readable], codes, classifier, rule, views=views
         )
         for i, p in zip(readable, predicted, strict=True):
             out[i] = p
     return [p for p in out if p is not None]
+
+
+def wafer_probabilities(
+    classifier: WaferClassifier,
+    codes: npt.NDArray[np.uint8],
+    views: int = 1,
+    progress: str | None = None,
+) -> npt.NDArray[np.float64]:
+    """The probabilities a routing measure reads: (n, k) for one drawing of each wafer,
+    (views, n, k) for several (`backend.uncertainty.views_for`)."""
+    if views > 1:
+        return classifier.predict_views(codes, views, progress=progress)
+    return classifier.predict_proba(codes, progress=progress)
 
 
 def predict_codes(
@@ -193,17 +207,21 @@ def predict_codes(
     rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     *,
     progress: str | None = None,
+    views: int = 1,
 ) -> tuple[list[WaferPrediction], ScoredRoutes]:
     """Predict die codes (n, S, S) in batches, route them, and score them (`scored_routes`).
 
     `rule` may be a callable that picks the rule from all n wafers' probabilities (the
-    calibration to the set). `progress` names a progress bar on stderr.
+    calibration to the set). `progress` names a progress bar on stderr. With `views` > 1 the
+    model sees each wafer in that many symmetric drawings: the rule and the scores get the
+    probabilities of every drawing (views, n, k), the prediction the mean's failure type.
     """
     names = classifier.card.failure_types
-    probs = classifier.predict_proba(codes, progress=progress)
+    drawn = wafer_probabilities(classifier, codes, views, progress)
+    probs, _ = mean_over_views(drawn)
     lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
-    chosen = rule if isinstance(rule, RoutingRule) else rule(probs)
-    routed = scored_routes(probs, chosen)
+    chosen = rule if isinstance(rule, RoutingRule) else rule(drawn)
+    routed = scored_routes(drawn, chosen)
     best = probs.argmax(axis=1)
     auto, engineer = Route.AUTO.value, Route.ENGINEER.value
     predicted = [

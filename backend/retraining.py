@@ -34,11 +34,12 @@ from backend.loop_state import (
     trained_through,
 )
 from backend.model_card import HeldOutScores, ModelCard
+from backend.predictions import wafer_probabilities
 from backend.replay import RetrainPolicy, plan_retraining
 from backend.set_audits import record_audits, sampled_wafers
 from backend.splits import stable_holdout, unrouted_holdout, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
-from backend.uncertainty import Measure, uncertainty
+from backend.uncertainty import Measure, mean_over_views, uncertainty, views_for
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,9 @@ def with_validation(
     target_accuracy: float,
 ) -> tuple[ModelCard, dict[str, float]]:
     """The card with the model's scores on its held-out, person-labelled wafers stored (the
-    serving rule calibrates each set to them) and the calibration figures for its metrics."""
-    correct = probs.argmax(axis=1) == truth
+    serving rule calibrates each set to them) and the calibration figures for its metrics.
+    `probs` are (n, k), or (views, n, k) for a measure of several drawings."""
+    correct = mean_over_views(probs)[0].argmax(axis=1) == truth
     scores = uncertainty(probs, measure)
     cal = calibrate(scores, correct, measure, target_accuracy)
     validation = HeldOutScores(
@@ -277,7 +279,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     )
     calibration_wafers = np.flatnonzero(fair)
     if len(calibration_wafers):
-        probs = model.predict_proba(codes[calibration_wafers])
+        probs = wafer_probabilities(model, codes[calibration_wafers], views_for(s.route_measure))
         card, calibration = with_validation(
             card, probs, classes[calibration_wafers], Measure(s.route_measure), s.target_accuracy
         )

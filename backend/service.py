@@ -38,12 +38,13 @@ from backend.images import picture_reader
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import LabelStudioClient, LabelStudioError
 from backend.loop_keys import QUEUES
-from backend.loop_state import serving_rule, set_number_of, trained_through
+from backend.loop_state import route_measure, serving_rule, set_number_of, trained_through
 from backend.model_card import ModelCard
 from backend.model_store import VERSION_PATTERN, ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
 from backend.project_ids import ProjectIdError, parse_project_id
 from backend.settings import Settings
+from backend.uncertainty import views_for
 from backend.wafer_store import WaferStore
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,8 @@ class WaferLabelingService:
         stored = WaferStore.for_project(self.settings.model_dir, number).task_codes(
             current, classifier.card.image_size, classifier.card.failure_types
         )
-        predictions = predict_tasks(current, classifier, self.labels, rule, fetch, stored)
+        views = views_for(route_measure(self.settings, classifier.card))
+        predictions = predict_tasks(current, classifier, self.labels, rule, fetch, stored, views)
         summary = failure_summary(predictions)
         if summary is not None:
             log.warning("predict for project %d: %s", number, summary)

@@ -24,6 +24,19 @@ class Measure(StrEnum):
     LEAST_CONFIDENCE = "least-confidence"
     MARGIN = "margin"
     ENTROPY = "entropy"
+    #: The model's answer over the 8 symmetric drawings of a wafer (rotations by 0-270 degrees,
+    #: mirrored or not): ``1 - margin(mean probability) * agreement``, where agreement is the
+    #: share of drawings whose top failure type is the mean's. The study's best routing measure.
+    EIGHT_VIEWS = "eight-views"
+
+
+#: Drawings of a wafer a measure scores (the others read one).
+VIEWS = {Measure.EIGHT_VIEWS: 8}
+
+
+def views_for(measure: Measure | str) -> int:
+    """How many of a wafer's symmetric drawings the model must see for `measure`."""
+    return VIEWS.get(Measure(measure), 1)
 
 
 def check_probs(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -82,23 +95,46 @@ def entropy(probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray(-(p * logp).sum(axis=1), dtype=np.float64)
 
 
+def mean_over_views(
+    probs: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """``probs`` of one drawing per wafer ``(n, k)``, or of several ``(views, n, k)``, as the mean
+    probability rows ``(n, k)`` and the share of drawings whose top failure type is the mean's
+    (1 for one drawing)."""
+    arr = np.asarray(probs)
+    if arr.ndim != 3:
+        mean = check_probs(arr)
+        return mean, np.ones(mean.shape[0], dtype=np.float64)
+    if arr.shape[0] < 1:
+        raise ValueError(f"probs of several views must be (views, n, k), got shape {arr.shape}")
+    drawn = np.stack([check_probs(view) for view in arr])
+    mean = drawn.mean(axis=0)
+    votes = drawn.argmax(axis=2) == mean.argmax(axis=1)[None, :]
+    return mean, np.asarray(votes.mean(axis=0), dtype=np.float64)
+
+
 def uncertainty(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.float64]:
     """One score per wafer where higher = more uncertain.
 
-    Least confidence and entropy as they are; margin as ``1 - (p1 - p2)``.
+    Least confidence and entropy as they are; margin as ``1 - (p1 - p2)``; eight views as
+    ``1 - (p1 - p2) * agreement``. ``probs`` of several drawings ``(views, n, k)`` are scored
+    on their mean (`mean_over_views`); one drawing ``(n, k)`` has agreement 1.
     """
     measure = Measure(measure)
+    mean, agreement = mean_over_views(probs)
     if measure is Measure.LEAST_CONFIDENCE:
-        return least_confidence(probs)
+        return least_confidence(mean)
     if measure is Measure.MARGIN:
-        return np.asarray(1.0 - margin(probs), dtype=np.float64)
-    return entropy(probs)
+        return np.asarray(1.0 - margin(mean), dtype=np.float64)
+    if measure is Measure.EIGHT_VIEWS:
+        return np.asarray(1.0 - margin(mean) * agreement, dtype=np.float64)
+    return entropy(mean)
 
 
 def max_uncertainty(measure: Measure, n_classes: int) -> float:
     """The `uncertainty` score of a uniform row over ``n_classes`` classes (the largest possible).
 
-    Closed forms: ``1 - 1/k`` (least confidence), ``1`` (margin), ``ln k`` (entropy); `uncertainty`
+    Closed forms: ``1 - 1/k`` (least confidence), ``1`` (margin, eight views), ``ln k`` (entropy); `uncertainty`
     on an actual uniform row may differ from these by a rounding error.
     """
     measure = Measure(measure)
@@ -109,6 +145,6 @@ def max_uncertainty(measure: Measure, n_classes: int) -> float:
     k = int(n_classes)
     if measure is Measure.LEAST_CONFIDENCE:
         return 1.0 - 1.0 / k
-    if measure is Measure.MARGIN:
+    if measure in (Measure.MARGIN, Measure.EIGHT_VIEWS):
         return 1.0
     return math.log(k)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from backend.uncertainty import check_probs, margin
+from backend.uncertainty import margin, mean_over_views
 
 #: rotations by 0, 90, 180, 270 degrees, then the same after a left-right mirror
 N_VIEWS = 8
@@ -32,15 +32,13 @@ def summarize_views(view_probs: npt.ArrayLike) -> ViewSummary:
     p = np.asarray(view_probs, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] < 1:
         raise ValueError(f"view_probs must be (views, wafers, classes), got shape {p.shape}")
-    for v in p:
-        check_probs(v)
-    mean = p.mean(axis=0)
-    votes = p.argmax(axis=2) == mean.argmax(axis=1)[None, :]
-    return ViewSummary(mean, votes.mean(axis=0).astype(np.float64))
+    mean, agreement = mean_over_views(p)
+    return ViewSummary(mean, agreement)
 
 
 def view_uncertainty(summary: ViewSummary) -> npt.NDArray[np.float64]:
-    """``1 - margin(mean) * agreement``: higher = more uncertain, in [0, 1].
+    """``1 - margin(mean) * agreement``: higher = more uncertain, in [0, 1] (the served
+    ``eight-views`` measure, `backend.uncertainty.uncertainty`).
 
     A wafer is sure only when the averaged top two are far apart AND every view agrees.
     """
