@@ -348,6 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="drawings per wafer for the initial model on every later wafer (1; 0 = skip)",
     )
+    issues = sub.add_parser(
+        "label-issues",
+        help="WM-811K's own suspect labels: confident learning (cleanlab) on out-of-sample "
+        "probabilities; a CSV and contact sheets",
+    )
+    _add_data_flags(issues)
+    issues.add_argument("--out", type=Path, required=True, help="run directory (resumable)")
+    issues.add_argument("--subsample", type=float, default=1.0, help="stratified share (1.0)")
+    issues.add_argument("--folds", type=int, default=4, help="cross-validation folds (4)")
+    issues.add_argument("--epochs", type=int, default=10, help="epochs a fold (10)")
+    issues.add_argument("--backbone", choices=BACKBONES, default="wafercnn")
+    issues.add_argument("--image-size", type=int, default=48)
+    issues.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    issues.add_argument("--seed", type=int, default=0)
     promise = sub.add_parser(
         "promise-check",
         help="how often drawn sets miss the target: the per-set promise against the expected "
@@ -480,6 +494,8 @@ def _run(args: argparse.Namespace) -> int:
         return _routing_study(args, settings, labels)
     if args.command == "promise-check":
         return _promise_check(args, settings, labels)
+    if args.command == "label-issues":
+        return _label_issues(args, settings, labels)
     if args.command == "train":
         from backend.cli_labelstudio import run_train
 
@@ -530,6 +546,24 @@ def _study_run(args: argparse.Namespace, settings: Settings, labels: LabelConfig
     config = StudyConfig(**(saved | {"loops": tuple(saved["loops"])}))
     wafers, _ = _load(settings, labels)
     return Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+
+
+def _label_issues(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    from backend.study.label_issues import LabelIssueConfig, run_label_issues
+
+    wafers, _ = _load(settings, labels)
+    config = LabelIssueConfig(
+        subsample=args.subsample,
+        folds=args.folds,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+    )
+    run_label_issues(wafers, labels, config, args.out, log=lambda s: print(s, file=sys.stderr))
+    print((args.out / "results.md").read_text())
+    return 0
 
 
 def _promise_check(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
