@@ -33,6 +33,7 @@ from backend.webhook_auth import webhook_headers, webhook_token
 ENGINEER_VIEW = "Engineer queue: most uncertain first"
 AUTO_VIEW = "Auto labels"
 UNREADABLE_VIEW = "Unreadable pictures"
+SUSPECT_VIEW = "Suspect labels"
 BACKEND_TITLE = "wafermap-resnet"
 #: What the engineer queue sorts by, most uncertain first: the prediction score (how sure the
 #: model is by the routing measure, `backend.routing.sureness`), lowest first.
@@ -49,6 +50,8 @@ WAFER_DATA_COLUMNS = (
     "data.route",
     "data.model_version",
     "data.prediction_error",
+    "data.suspect_label",
+    "data.suspect_probability",
     "data.set",
     "data.lot",
     "data.wafer_id",
@@ -67,6 +70,7 @@ NUMBER_COLUMNS = {
         "data.entropy",
         "data.set",
         "data.wafer_id",
+        "data.suspect_probability",
     )
 }
 
@@ -157,7 +161,7 @@ def has_prediction() -> TaskFilter:
 
 
 def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[str, int]:
-    """Create or update the three Data Manager tabs (title -> view id).
+    """Create or update the four Data Manager tabs (title -> view id).
 
     The engineer queue shows the unlabelled wafers the served model predicted (the open set's
     wafers it did not accept), most uncertain first (prediction score ascending), with the
@@ -165,7 +169,9 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
     auto labels tab lists the wafers of new sets (set > 0) labelled by the backend's account
     (`auto_user`): accepted predictions only, not the labelled history of set 0 that ops
     imported with the same token; the unreadable-pictures tab shows where each wafer came from
-    and why it failed.
+    and why it failed; the suspect-labels tab lists person-labelled wafers that a retrained
+    model, which never trained on them, confidently calls something else
+    (`backend.retraining.mark_suspect_labels`), surest first, for a person to re-check.
     """
     shown = engineer_columns()
     auto_shown = (*shown, "annotators")
@@ -176,6 +182,15 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
         "data.wafer_id",
         "data.prediction_error",
     )
+    suspect_shown = (
+        "data.image",
+        "data.set",
+        "data.wafer_id",
+        "annotations_results",
+        "data.suspect_label",
+        "data.suspect_probability",
+    )
+    suspect = TaskFilter("data.suspect_label", FilterOperator.EMPTY, "String", False)
     by_backend = TaskFilter("annotators", FilterOperator.CONTAINS, "List", int(auto_user))
     new_sets = TaskFilter("data.set", FilterOperator.GREATER, "Number", INITIAL_SET)
     return {
@@ -200,6 +215,14 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
             UNREADABLE_VIEW,
             [_route_is("error")],
             hidden_columns=tab_columns(unreadable_shown),
+            column_types=NUMBER_COLUMNS,
+        ),
+        SUSPECT_VIEW: client.create_view(
+            project,
+            SUSPECT_VIEW,
+            [suspect],
+            ["-tasks:data.suspect_probability"],
+            hidden_columns=tab_columns(suspect_shown),
             column_types=NUMBER_COLUMNS,
         ),
     }

@@ -97,3 +97,15 @@ def test_a_model_calibrated_on_eight_views_is_served_on_eight_views(
     assert route_measure(Settings(route_measure="margin"), None) is Measure.MARGIN
     fixed = Settings(route_measure="entropy", route_threshold=0.2)
     assert route_measure(fixed, card) is Measure.ENTROPY
+
+
+def test_suspect_labels_are_confident_disagreements_only() -> None:
+    from backend.retraining import suspect_labels
+
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.05, 0.95], [0.92, 0.08]])
+    truth = np.array([1, 1, 1, 0])
+    # wafer 0: sure of type 0, labelled 1; wafer 1 disagrees but is unsure; 2 and 3 agree
+    assert suspect_labels(probs, truth, 0.9).tolist() == [0]
+    # on eight views: the mean decides
+    drawn = np.stack([probs] * 4 + [probs[:, ::-1]] * 4)
+    assert suspect_labels(drawn, truth, 0.9).tolist() == []

@@ -46,6 +46,7 @@ from backend.loop_keys import QUEUES, TRAINING_QUEUE, retrain_job_id
 from backend.model_store import ModelStore
 from backend.projects import (
     ENGINEER_VIEW,
+    SUSPECT_VIEW,
     audit_table,
     project_audits,
     set_counts,
@@ -334,6 +335,16 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     assert (audit.wafers, audit.auto_labels) == (len(loop.plan.members(1)), outcome.auto)
     low, high = audit.accuracy_interval
     assert 0.0 <= low <= agree / 8 <= high <= 1.0
+    # Person labels of held-out wafers that the new model confidently calls something else are
+    # marked for the Suspect labels tab (how many the card says; it lists exactly those).
+    suspects = backend_client.tasks(
+        loop.project, view=_views(backend_client, loop.project)[SUSPECT_VIEW]
+    )
+    assert len(suspects) == card.metrics["suspect_labels"]
+    for task in suspects:
+        assert task["data"]["suspect_probability"] >= 0.9
+        given = loop.truth.get(int(task["data"]["wafer_id"]))
+        assert task["data"]["suspect_label"] != given
     # `status` shows it.
     states = set_counts(backend_client, loop.project, auto_user, second)
     shown = audit_table(project_audits(backend_client, loop.wafers, states, label_config, 0.995))

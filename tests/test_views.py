@@ -12,6 +12,7 @@ from backend.labelstudio import LABEL_STUDIO_TASK_COLUMNS, LabelStudioClient, Ta
 from backend.projects import (
     AUTO_VIEW,
     ENGINEER_VIEW,
+    SUSPECT_VIEW,
     UNCERTAIN_FIRST,
     UNREADABLE_VIEW,
     WAFER_DATA_COLUMNS,
@@ -55,7 +56,7 @@ def visible(hidden: set[str]) -> set[str]:
 def test_engineer_queue_shows_score_guess_picture_set_and_lot_most_uncertain_first() -> None:
     client = RecordingClient()
     ids = make_views(cast(LabelStudioClient, client), 7, auto_user=42)
-    assert ids == {ENGINEER_VIEW: 1, AUTO_VIEW: 2, UNREADABLE_VIEW: 3}
+    assert ids == {ENGINEER_VIEW: 1, AUTO_VIEW: 2, UNREADABLE_VIEW: 3, SUSPECT_VIEW: 4}
     queue = client.tabs[ENGINEER_VIEW]
     assert visible(queue["hidden"]) == {
         "predictions_score",
@@ -103,6 +104,19 @@ def test_other_tabs_hide_label_studio_bookkeeping_too() -> None:
         "data.prediction_error",
     }
     assert client.tabs[UNREADABLE_VIEW]["ordering"] == []
+    # Person labels a retrained model confidently contradicts, surest first, with its guess.
+    suspect = client.tabs[SUSPECT_VIEW]
+    assert suspect["filters"] == [
+        {
+            "filter": "filter:tasks:data.suspect_label",
+            "operator": "empty",
+            "type": "String",
+            "value": False,
+        }
+    ]
+    assert suspect["ordering"] == ["-tasks:data.suspect_probability"]
+    assert "annotations_results" in visible(suspect["hidden"])
+    assert {"data.suspect_label", "data.suspect_probability"} <= visible(suspect["hidden"])
 
 
 def test_tab_columns_hides_everything_not_shown() -> None:
