@@ -52,6 +52,7 @@ WAFER_DATA_COLUMNS = (
     "data.prediction_error",
     "data.suspect_label",
     "data.suspect_probability",
+    "data.suspect_model_version",
     "data.set",
     "data.lot",
     "data.wafer_id",
@@ -189,6 +190,7 @@ def make_views(client: LabelStudioClient, project: int, auto_user: int) -> dict[
         "annotations_results",
         "data.suspect_label",
         "data.suspect_probability",
+        "data.suspect_model_version",
     )
     suspect = TaskFilter("data.suspect_label", FilterOperator.EMPTY, "String", False)
     by_backend = TaskFilter("annotators", FilterOperator.CONTAINS, "List", int(auto_user))

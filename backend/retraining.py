@@ -100,10 +100,12 @@ def mark_suspect_labels(
     task_ids: npt.NDArray[np.int64],
     probs: npt.NDArray[np.float64],
     truth: npt.NDArray[np.int64],
+    version: str,
 ) -> int:
-    """Write the model's failure type and its probability into the task data of each held-out,
-    person-labelled wafer it confidently disagrees with (the "Suspect labels" tab lists them);
-    returns how many. One read and one write a wafer: they are few (under 1% of the held-out
+    """Write the model's failure type, its probability and the model `version` into the task
+    data of each held-out, person-labelled wafer it confidently disagrees with (the "Suspect
+    labels" tab lists them; a mark stays until a later model marks the wafer again); returns
+    how many. One read and one write a wafer: they are few (under 1% of the held-out
     wafers of a 97%-accurate model at 0.9)."""
     mean = mean_over_views(probs)[0]
     found = suspect_labels(probs, truth, SUSPECT_PROBABILITY)
@@ -113,7 +115,11 @@ def mark_suspect_labels(
         best = int(mean[i].argmax())
         resources.client.update_task_data(
             int(task_ids[i]),
-            {"suspect_label": names[best], "suspect_probability": round(float(mean[i, best]), 4)},
+            {
+                "suspect_label": names[best],
+                "suspect_probability": round(float(mean[i, best]), 4),
+                "suspect_model_version": version,
+            },
         )
     if len(found):
         log.info("%d person labels are suspect: see the Suspect labels tab", len(found))
@@ -330,6 +336,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
                 examples.task_ids[calibration_wafers],
                 probs,
                 classes[calibration_wafers],
+                version,
             )
         )
         card = dataclasses.replace(
