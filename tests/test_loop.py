@@ -335,6 +335,10 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     assert (audit.wafers, audit.auto_labels) == (len(loop.plan.members(1)), outcome.auto)
     low, high = audit.accuracy_interval
     assert 0.0 <= low <= agree / 8 <= high <= 1.0
+    # every wafer but the 8 blind ones carries the model's guess, which the outcome grades
+    assert (
+        outcome.predicted == audit.wafers - 8 and 0 < outcome.predicted_right <= outcome.predicted
+    )
     # Person labels of held-out wafers that a model confidently calls something else are
     # marked for the Suspect labels tab, by each retraining (the first model's, then set 1's):
     # the tab lists exactly the marked wafers, as many as each model's card says it marked.

@@ -106,6 +106,8 @@ class SetRow:
     #: The prediction score at and above which the set's wafers were auto-labelled.
     cut: float | None = None
     target_accuracy: float = 0.995
+    #: Training time of the model that learnt this set (its card's train_seconds).
+    retrain_seconds: float | None = None
 
     @property
     def promise_met(self) -> bool:
@@ -316,6 +318,14 @@ def run_demo(
                 )
                 store = WaferStore.for_project(settings.model_dir, wiring.project)
                 routing = next((r for r in store.routings() if r.set_number == number), None)
+                models = ModelStore.for_project(
+                    settings.model_dir, wiring.project, pick_device("cpu")
+                )
+                learnt = [
+                    c
+                    for v in models.versions()
+                    if (c := models.card(v)).trained_through_set == number
+                ]
                 rows.append(
                     SetRow(
                         outcome,
@@ -324,6 +334,9 @@ def run_demo(
                         audit=store.audit(number),
                         cut=routing.cut if routing is not None else None,
                         target_accuracy=settings.target_accuracy,
+                        retrain_seconds=learnt[-1].training.get("train_seconds")
+                        if learnt
+                        else None,
                     )
                 )
                 write_results(out, rows)
@@ -370,6 +383,8 @@ def report(rows: list[SetRow]) -> dict[str, Any]:
                 "promise_met": r.promise_met,
                 "cut": r.cut,
                 "model_version": o.model_version,
+                "model_accuracy": o.model_accuracy,
+                "retrain_seconds": r.retrain_seconds,
                 "engineer_seconds": r.engineer_seconds,
                 "next_set_seconds": r.next_set_seconds,
             }
@@ -401,8 +416,8 @@ def results_table(rows: list[SetRow]) -> str:
     lines = [
         "| set | wafers | engineer labels | audit wafers | audited auto-label accuracy "
         "| auto labels | wrong auto labels | accuracy | promise | model version "
-        "| last label -> next set ready |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|",
+        "| last label -> next set ready | model accuracy | retraining |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         o = r.outcome
@@ -417,7 +432,9 @@ def results_table(rows: list[SetRow]) -> str:
             f"| {o.set_number} | {o.wafers} | {o.engineer} ({o.engineer_ratio:.1%}) | {audited} "
             f"| {audit_accuracy} | {o.auto} | {o.auto_errors} | {o.accuracy:.2%} "
             f"| {'met' if r.promise_met else 'MISSED'} | {o.model_version} "
-            f"| {r.next_set_seconds:.1f} s |"
+            f"| {r.next_set_seconds:.1f} s "
+            f"| {'-' if o.model_accuracy is None else f'{o.model_accuracy:.2%}'} "
+            f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} |"
         )
     wafers = sum(r.outcome.wafers for r in rows)
     engineer = sum(r.outcome.engineer for r in rows)
@@ -427,7 +444,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| all | {wafers} | {engineer} ({engineer / wafers:.1%}) "
             f"| {sum(r.audit.audited for r in rows if r.audit is not None)} | "
             f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} "
-            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | |"
+            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | | | |"
         )
     return "\n".join(lines) + "\n"
 

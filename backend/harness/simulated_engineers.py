@@ -86,6 +86,14 @@ class SetCheck:
     auto_errors: int
     waiting: int
     model_version: str
+    #: Wafers whose prediction names a failure type (audit wafers' predictions are blind), and
+    #: how many of those name the true one: the model's accuracy on the set.
+    predicted: int = 0
+    predicted_right: int = 0
+
+    @property
+    def model_accuracy(self) -> float | None:
+        return self.predicted_right / self.predicted if self.predicted else None
 
     @property
     def engineer_ratio(self) -> float:
@@ -105,14 +113,24 @@ def set_outcome(
     labels: LabelConfig,
     auto_user: int,
 ) -> SetCheck:
-    """Count engineer and auto labels of a set and the auto labels that are wrong."""
-    engineer = auto = errors = waiting = 0
+    """Count engineer and auto labels of a set, the auto labels that are wrong, and how often
+    the set's predictions name the true failure type."""
+    engineer = auto = errors = waiting = predicted = right = 0
     versions: set[str] = set()
     for task in client.tasks_of_set(project, set_number):
         data: dict[str, Any] = task.get("data") or {}
         versions.update(
             str(p["model_version"]) for p in task.get("predictions") or [] if p.get("model_version")
         )
+        guesses = [
+            str(c)
+            for p in task.get("predictions") or []
+            for item in p.get("result") or []
+            for c in (item.get("value") or {}).get("choices") or []
+        ][:1]
+        if guesses:
+            predicted += 1
+            right += guesses[0] == truth.get(int(data.get("wafer_id", -1)))
         annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         if not annotations:
             waiting += 1
@@ -132,4 +150,6 @@ def set_outcome(
         auto_errors=errors,
         waiting=waiting,
         model_version=", ".join(sorted(versions)),
+        predicted=predicted,
+        predicted_right=right,
     )
