@@ -28,6 +28,9 @@ from backend.files import atomic_writer
 from backend.model_card import ModelCard
 
 CHECKPOINT_FORMAT = 1
+#: Weights files written by `python -m backend pretrain` (`backend.pretraining`).
+WEIGHTS_KIND = "wafer-pretrained-weights"
+PRETRAIN_FORMAT = 1
 
 
 class Float32Head(nn.Module):
@@ -77,8 +80,37 @@ class WaferCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-#: Backbones `build_network` knows; only the ResNets take a `weights_path`.
+#: Backbones `build_network` knows.
 NETWORKS = ("resnet50", "resnet18", "wafercnn")
+
+
+def start_weights(path: Path, backbone: str) -> dict[str, torch.Tensor]:
+    """The backbone weights in `path`, without any classification layer (`fc.*`).
+
+    `path` is a weights file of `python -m backend pretrain` (any backbone; it must name
+    `backbone`) or a plain torchvision state dict (the ResNets, e.g. ImageNet weights a fab
+    copied in). Raises ValueError for a file that is neither or was made for another backbone.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path}: not a weights file torch can read ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a weights file (a {type(payload).__name__})")
+    if payload.get("kind") == WEIGHTS_KIND:
+        if payload.get("format") != PRETRAIN_FORMAT:
+            raise ValueError(f"{path}: pretrained weights of format {payload.get('format')}")
+        if payload.get("backbone") != backbone:
+            raise ValueError(
+                f"{path} holds pretrained {payload.get('backbone')} weights, not {backbone}; "
+                f"pretrain {backbone} or set WAFER_BACKBONE={payload.get('backbone')}"
+            )
+        payload = payload["state_dict"]
+    elif backbone == "wafercnn":
+        raise ValueError(f"{path}: wafercnn starts only from `python -m backend pretrain` weights")
+    return {k: v for k, v in payload.items() if not k.startswith("fc.")}
 
 
 def build_network(
@@ -87,32 +119,31 @@ def build_network(
     """A freshly initialised network (no downloaded weights) with one output per failure type:
     a torchvision ResNet, or the small `WaferCNN` ("wafercnn").
 
-    `weights_path` optionally points at a local torchvision state dict (e.g. ImageNet weights a
-    fab copied in); its classification layer is dropped. Initialisation uses its own seed and
-    leaves the global random state as it was.
+    `weights_path` optionally points at weights to start the backbone from (`start_weights`):
+    a pretraining file of `python -m backend pretrain`, or a local torchvision state dict; the
+    classification layer always starts fresh. Initialisation uses its own seed and leaves the
+    global random state as it was.
     """
     constructors = {"resnet50": models.resnet50, "resnet18": models.resnet18}
-    if backbone == "wafercnn":
-        if weights_path is not None:
-            raise ValueError("wafercnn has no pretrained weights to load")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return WaferCNN(n_classes)
-    if backbone not in constructors:
+    if backbone not in (*constructors, "wafercnn"):
         raise ValueError(f"unknown backbone {backbone!r}; choose {', '.join(NETWORKS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = constructors[backbone](weights=None)
-        if weights_path is not None:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = network.load_state_dict(state, strict=False)
-            if unexpected or any(not k.startswith("fc.") for k in missing):
-                raise ValueError(
-                    f"{weights_path} does not fit {backbone}: missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]}"
-                )
-        network.fc = Float32Head(network.fc.in_features, n_classes)
+        network: nn.Module
+        if backbone == "wafercnn":
+            network = WaferCNN(n_classes)
+        else:
+            resnet = constructors[backbone](weights=None)
+            resnet.fc = Float32Head(resnet.fc.in_features, n_classes)
+            network = resnet
+    if weights_path is not None:
+        state = start_weights(weights_path, backbone)
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ValueError(
+                f"{weights_path} does not fit {backbone}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
     return network
 
 

@@ -32,8 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from backend.label_config import LabelConfig, parse_label_config
-from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, Settings
+from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, FIRST_MODEL_EPOCHS, Settings
 from backend.sources import load_wafers
 from backend.sources.cache import LoadReport
 from backend.splits import SetOrder
@@ -86,12 +88,14 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="converted-data cache (env WAFER_CACHE_DIR)")
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, epochs: int = 5) -> None:
     p.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE, 64)")
     p.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (resnet50)")
     p.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
     p.add_argument("--weights", type=Path, help="local weights file for the backbone")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per training phase (5)")
+    p.add_argument(
+        "--epochs", type=int, default=epochs, help=f"epochs per training phase ({epochs})"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
 
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a first model offline and serve it")
     _add_data_flags(train)
-    _add_model_flags(train)
+    _add_model_flags(train, epochs=FIRST_MODEL_EPOCHS)
     train.add_argument("--project", default="Wafer maps", help="project title or id")
     train.add_argument(
         "--from-project",
@@ -263,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model-dir", type=Path, help="where versions are stored (env MODEL_DIR)")
     train.add_argument("--source", help="data.source of the --data wafers (default: its stem)")
+
+    pre = sub.add_parser(
+        "pretrain", help="learn a starting point for the backbone from wafers without labels"
+    )
+    _add_data_flags(pre)
+    pre.add_argument("--out", type=Path, required=True, help="weights file to write (.pt)")
+    pre.add_argument(
+        "--subsample", type=float, default=1.0, help="random share of the unlabelled wafers (1.0)"
+    )
+    pre.add_argument("--epochs", type=int, default=10, help="passes over the wafers (10)")
+    pre.add_argument("--batch-size", type=int, default=256, help="wafers per step (256)")
+    pre.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE)")
+    pre.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE")
+    pre.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
+    pre.add_argument("--seed", type=int, default=0)
 
     status = sub.add_parser("status", help="where the labeling stands, per set")
     status.add_argument("--project", default="Wafer maps", help="project title or id")
@@ -308,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(17295: the study's initial 10%%); 0: the worker trains on a --subsample's set 0",
     )
     demo.add_argument("--set-size", type=int, default=2_000, help="wafers per set (2000)")
-    demo.add_argument("--first-model-epochs", type=int, default=3, help="(3)")
+    demo.add_argument(
+        "--first-model-epochs", type=int, default=FIRST_MODEL_EPOCHS, help=f"({FIRST_MODEL_EPOCHS})"
+    )
 
     load = sub.add_parser("load-test", help="bounded /predict load on a backend on loopback")
     load.add_argument("--clients", type=int, default=20, help="client threads (20)")
@@ -408,6 +429,49 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _pretrain(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
+    """`pretrain`: contrastive pretraining on the wafers of --data that carry no label."""
+    from backend.classifier import pick_device
+    from backend.encoding import encode_wafers
+    from backend.pretraining import PretrainConfig, pretrain
+
+    if not 0 < args.subsample <= 1:
+        raise ValueError("--subsample must be in (0, 1]")
+    wafers, _ = load_wafers(
+        settings.data_path, labels.failure_types, settings.cache_dir, keep_unlabelled=True
+    )
+    unlabelled = np.flatnonzero(wafers.labels < 0)
+    if not len(unlabelled):
+        raise ValueError(f"{settings.data_path} holds no wafers without a label to pretrain on")
+    rng = np.random.default_rng(args.seed)
+    keep = max(1, round(args.subsample * len(unlabelled)))
+    chosen = np.sort(rng.permutation(unlabelled)[:keep])
+    print(
+        f"pretraining {settings.backbone} at {settings.image_size} on {len(chosen):,} of "
+        f"{len(unlabelled):,} wafers without labels (labelled wafers are never used)",
+        file=sys.stderr,
+    )
+    codes = encode_wafers(wafers.subset(chosen), settings.image_size)
+    config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    report = pretrain(
+        codes,
+        settings.backbone,
+        config,
+        pick_device(settings.device),
+        args.out,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        f"{report.steps_run:,} steps in {report.seconds:,.0f} s ({report.cpu_seconds:,.0f} CPU-s, "
+        f"{report.wafers_per_second:,.0f} wafers/s); loss per pass: "
+        + " ".join(f"{x:.3f}" for x in report.loss_per_epoch)
+    )
+    if report.steps < config.epochs * config.steps_per_epoch(len(codes)):
+        return 0
+    print(f"wrote {args.out}: start from it with `train --weights {args.out}` or WAFER_WEIGHTS")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -496,6 +560,8 @@ def _run(args: argparse.Namespace) -> int:
         return _promise_check(args, settings, labels)
     if args.command == "label-issues":
         return _label_issues(args, settings, labels)
+    if args.command == "pretrain":
+        return _pretrain(args, settings, labels)
     if args.command == "train":
         from backend.cli_labelstudio import run_train
 

@@ -15,6 +15,9 @@ from backend.label_config import DEFAULT_LABEL_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wm811k" / "LSWMD.zip"
+#: Epochs of a first model (`train`, the demo): wafercnn at 48 for 20 epochs on the study's initial
+#: 10% is the measured best within 15 CPU-minutes on a 2-core CPU (docs/recipe.md).
+FIRST_MODEL_EPOCHS = 20
 BACKBONES = ("resnet50", "resnet18", "wafercnn")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -24,8 +27,8 @@ ENVIRONMENT = {
     "WAFER_CACHE_DIR": "where converted wafer data is cached (default ~/.cache/wafermap-labeling)",
     "LOCAL_FILES_DOCUMENT_ROOT": "Label Studio's local-files root (import --pictures writes there)",
     "LABEL_CONFIG": "Label Studio labeling config holding the failure types (default label_config.xml)",
-    "WAFER_IMAGE_SIZE": "model input size S in pixels (default 64)",
-    "WAFER_BACKBONE": "resnet50 (default) or resnet18",
+    "WAFER_IMAGE_SIZE": "model input size S in pixels (default 48)",
+    "WAFER_BACKBONE": "wafercnn (default: the measured best, docs/recipe.md), resnet50 or resnet18",
     "WAFER_DEVICE": "auto (default: cuda when available), cpu or cuda",
     "WAFER_WEIGHTS": "optional local weights file to start the backbone from",
     "MODEL_DIR": "where model versions are written (default ./models)",
@@ -103,8 +106,8 @@ class Settings:
     data_path: Path = DEFAULT_DATA
     cache_dir: Path = field(default_factory=lambda: _default_cache({}))
     label_config_path: Path = DEFAULT_LABEL_CONFIG
-    image_size: int = 64
-    backbone: str = "resnet50"
+    image_size: int = 48
+    backbone: str = "wafercnn"
     device: str = "auto"
     weights_path: Path | None = None
     model_dir: Path = REPO_ROOT / "models"
@@ -211,8 +214,8 @@ class Settings:
             if environ.get("WAFER_CACHE_DIR")
             else _default_cache(environ),
             label_config_path=Path(environ.get("LABEL_CONFIG") or DEFAULT_LABEL_CONFIG),
-            image_size=_int(environ, "WAFER_IMAGE_SIZE", 64),
-            backbone=_choice(environ, "WAFER_BACKBONE", "resnet50", BACKBONES),
+            image_size=_int(environ, "WAFER_IMAGE_SIZE", 48),
+            backbone=_choice(environ, "WAFER_BACKBONE", "wafercnn", BACKBONES),
             device=_choice(environ, "WAFER_DEVICE", "auto", DEVICES),
             weights_path=Path(weights).expanduser() if weights else None,
             model_dir=Path(environ.get("MODEL_DIR") or REPO_ROOT / "models").expanduser(),

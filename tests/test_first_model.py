@@ -12,7 +12,7 @@ import pytest
 import torch
 from redis import Redis
 
-from backend.classifier import WaferClassifier
+from backend.classifier import WaferClassifier, build_network
 from backend.cli import main
 from backend.cli_labelstudio import publish_as_next
 from backend.first_model import cached_first_model, history_from_wafers
@@ -254,3 +254,37 @@ def test_train_publishes_under_the_next_name_when_the_worker_took_its_name(
     published = publish_as_next(store, model(2), "set0")
     assert published.card.version == "v002-set0" == store.current_version()
     assert store.versions() == ["v001-set0", "v002-set0"]
+
+
+def test_pretrain_then_a_first_model_starts_from_its_weights(
+    history_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label_config: LabelConfig
+) -> None:
+    """`pretrain` on wafers without labels, then `train --weights` on the labelled ones; a file
+    with no unlabelled wafer is a clear error."""
+    from backend.sources.arrays import load_npz
+
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    wafers, _ = load_npz(history_file, label_config.failure_types)
+    unlabelled = tmp_path / "unlabelled.npz"
+    save_npz(dataclasses.replace(wafers, labels=np.full(len(wafers), -1, np.int16)), unlabelled)
+    weights = tmp_path / "pretrained.pt"
+    model = ["--backbone", "wafercnn", "--image-size", "16", "--device", "cpu"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    flags = [*model, *cache, "--epochs", "1", "--batch-size", "32"]
+    assert main(["pretrain", "--data", str(unlabelled), "--out", str(weights), *flags]) == 0
+    assert weights.is_file() and not weights.with_name("pretrained.pt.checkpoint").exists()
+    assert (
+        main(["pretrain", "--data", str(history_file), "--out", str(tmp_path / "x.pt"), *flags])
+        == 2
+    )
+    model_dir = tmp_path / "models"
+    train = ["train", "--project", "42", "--data", str(history_file), "--weights", str(weights)]
+    assert main([*train, *flags, "--model-dir", str(model_dir)]) == 0
+    served = ModelStore.for_project(model_dir, 42, CPU).load_current()
+    assert served is not None and served.card.backbone == "wafercnn"
+    # the served network's first convolution moved away from the pretrained start, but only by
+    # fine-tuning: it is far closer to it than a network trained from scratch would be
+    start = torch.load(weights, weights_only=True)["state_dict"]["features.0.weight"]
+    first = served.network.state_dict()["features.0.weight"].cpu()
+    scratch = build_network("wafercnn", len(label_config.failure_types), 0)
+    assert torch.dist(first, start) < torch.dist(scratch.state_dict()["features.0.weight"], start)

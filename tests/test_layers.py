@@ -45,6 +45,7 @@ LAYERS = {
     1: {
         "classifier",
         "training",
+        "pretraining",
         "sources",
         "model_store",
         "images",

@@ -8,7 +8,7 @@ from backend.settings import DEFAULT_DATA, Settings
 def test_defaults_without_environment() -> None:
     settings = Settings.from_env({"HOME": "/home/fab"})
     assert settings.data_path == DEFAULT_DATA
-    assert settings.image_size == 64 and settings.backbone == "resnet50"
+    assert settings.image_size == 48 and settings.backbone == "wafercnn"
     assert settings.cache_dir == Path("/home/fab/.cache/wafermap-labeling")
 
 

@@ -55,7 +55,7 @@ from backend.labelstudio import LabelStudioClient
 from backend.loop_keys import QUEUES, request_advance
 from backend.model_store import ModelStore
 from backend.projects import ENGINEER_VIEW, wire_project
-from backend.settings import Settings
+from backend.settings import FIRST_MODEL_EPOCHS, Settings
 from backend.splits import StudySplit, stratified_sample
 from backend.training import TrainConfig
 from backend.wafer_sets import (
@@ -93,7 +93,7 @@ class DemoConfig:
     first_model_wafers: int = 17_295
     #: Wafers per set after the history (with `first_model_wafers`).
     set_size: int = 2_000
-    first_model_epochs: int = 3
+    first_model_epochs: int = FIRST_MODEL_EPOCHS
 
 
 @dataclass(frozen=True)
