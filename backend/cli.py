@@ -89,8 +89,8 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser, epochs: int = 5) -> None:
-    p.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE, 64)")
-    p.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (resnet50)")
+    p.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE, 48)")
+    p.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (wafercnn)")
     p.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
     p.add_argument("--weights", type=Path, help="local weights file for the backbone")
     p.add_argument(
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(demo)
     _add_plan_flags(demo)
     demo.add_argument("--image-size", type=int, help="model input S x S (env WAFER_IMAGE_SIZE)")
-    demo.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (resnet50)")
+    demo.add_argument("--backbone", choices=BACKBONES, help="env WAFER_BACKBONE (wafercnn)")
     demo.add_argument("--device", choices=DEVICES, help="env WAFER_DEVICE (auto)")
     demo.add_argument("--epochs", type=int, help="epochs per retraining (env WAFER_EPOCHS)")
     demo.add_argument(

@@ -33,6 +33,7 @@ def test_results_table_totals() -> None:
             audit,
             0.93,
             retrain_seconds=61.4,
+            opening_seconds=12.3,
         ),
     ]
     table = results_table(rows)
@@ -42,12 +43,14 @@ def test_results_table_totals() -> None:
     assert (
         "| 2 | 100 | 30 (30.0%) | 10 | 100.00% (69.15%-100.00%) | 70 | 0 | 100.00% | met" in table
     )
-    assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | | | |" in table
+    assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | | | | |" in table
+    assert "| 90.00% | 61 s | 12 s |" in table
     figures = report(rows)
     assert figures["sets_below_target"] == 1 and figures["engineer_share"] == 0.45
     two = figures["sets"][1]
     assert (two["audit_wafers"], two["audited_accuracy"], two["cut"]) == (10, 1.0, 0.93)
     assert (two["model_accuracy"], two["retrain_seconds"]) == (0.9, 61.4)
+    assert (two["opening_seconds"], figures["sets"][0]["opening_seconds"]) == (12.3, None)
     assert two["audited_interval"][0] == pytest.approx(0.025 ** (1 / 10))
     assert figures["sets"][0]["audited_interval"] is None
 

@@ -108,6 +108,9 @@ class SetRow:
     target_accuracy: float = 0.995
     #: Training time of the model that learnt this set (its card's train_seconds).
     retrain_seconds: float | None = None
+    #: The open step of this set: predict every wafer, store the predictions, accept the
+    #: confident ones (seconds the worker reported; None when rq no longer kept its result).
+    opening_seconds: float | None = None
 
     @property
     def promise_met(self) -> bool:
@@ -210,6 +213,29 @@ def publish_first_model(
     )
 
 
+def open_step_seconds(redis: Redis, project: int) -> dict[int, float]:
+    """Seconds of each set's open step(s) in the results rq still keeps of the project's
+    finished jobs (an advance's steps, or a retraining's follow-up advance)."""
+    from rq import Queue
+    from rq.registry import FinishedJobRegistry
+
+    seconds: dict[int, float] = {}
+    for name in QUEUES:
+        queue = Queue(name, connection=redis)
+        ids = FinishedJobRegistry(queue=queue).get_job_ids()
+        for job in queue.job_class.fetch_many(ids, connection=redis):
+            result = job.return_value() if job is not None else None
+            advances = [result, result.get("next")] if isinstance(result, dict) else []
+            for outcome in advances:
+                if not isinstance(outcome, dict) or outcome.get("project") != project:
+                    continue
+                for step in outcome.get("steps") or []:
+                    if step.get("action") == "open" and step.get("seconds") is not None:
+                        number = int(step["set"])
+                        seconds[number] = seconds.get(number, 0.0) + float(step["seconds"])
+    return seconds
+
+
 def _clear_loop_state(redis: Redis) -> None:
     """Forget the loop keys and queued jobs of an earlier demo (its projects are gone)."""
     from rq import Queue
@@ -304,6 +330,7 @@ def run_demo(
             else "training the first model on the initial set and opening set 1 ..."
         )
         wait_until_idle(redis, wiring.project, config.set_timeout_s)
+        opened = open_step_seconds(redis, wiring.project)  # rq keeps results for minutes only
         with (
             LabelStudioClient.connect(ls.url, engineer.token) as person,
             LabelStudioClient.connect(ls.url, auto.token) as backend_account,
@@ -313,6 +340,7 @@ def run_demo(
                 labelled = label_uncertain(person, wiring.project, number, truth, labels)
                 engineer_seconds = time.monotonic() - start
                 next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
+                opened = open_step_seconds(redis, wiring.project) | opened
                 outcome = set_outcome(
                     backend_account, wiring.project, number, truth, labels, auto_user
                 )
@@ -337,6 +365,7 @@ def run_demo(
                         retrain_seconds=learnt[-1].training.get("train_seconds")
                         if learnt
                         else None,
+                        opening_seconds=opened.get(number),
                     )
                 )
                 write_results(out, rows)
@@ -385,6 +414,7 @@ def report(rows: list[SetRow]) -> dict[str, Any]:
                 "model_version": o.model_version,
                 "model_accuracy": o.model_accuracy,
                 "retrain_seconds": r.retrain_seconds,
+                "opening_seconds": r.opening_seconds,
                 "engineer_seconds": r.engineer_seconds,
                 "next_set_seconds": r.next_set_seconds,
             }
@@ -416,8 +446,8 @@ def results_table(rows: list[SetRow]) -> str:
     lines = [
         "| set | wafers | engineer labels | audit wafers | audited auto-label accuracy "
         "| auto labels | wrong auto labels | accuracy | promise | model version "
-        "| last label -> next set ready | model accuracy | retraining |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|",
+        "| last label -> next set ready | model accuracy | retraining | opening |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         o = r.outcome
@@ -434,7 +464,8 @@ def results_table(rows: list[SetRow]) -> str:
             f"| {'met' if r.promise_met else 'MISSED'} | {o.model_version} "
             f"| {r.next_set_seconds:.1f} s "
             f"| {'-' if o.model_accuracy is None else f'{o.model_accuracy:.2%}'} "
-            f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} |"
+            f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} "
+            f"| {'-' if r.opening_seconds is None else f'{r.opening_seconds:.0f} s'} |"
         )
     wafers = sum(r.outcome.wafers for r in rows)
     engineer = sum(r.outcome.engineer for r in rows)
@@ -444,7 +475,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| all | {wafers} | {engineer} ({engineer / wafers:.1%}) "
             f"| {sum(r.audit.audited for r in rows if r.audit is not None)} | "
             f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} "
-            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | | | |"
+            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | | | | |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,52 @@
+"""`python -m backend demo --simulate-engineers`, small: the whole product on this machine (its
+own Label Studio on PostgreSQL when one answers, Redis, gunicorn backend, rq worker), a first
+model trained offline on a labelled history, two sets of new wafers labelled through the SDK by
+simulated engineers (audit wafers included), and the report the full-scale run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.harness.label_studio_db import choose_database, drop_database
+from backend.harness.stack import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_demo_runs_two_sets_and_reports_each(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = os.environ | {"REDIS_URL": "redis://127.0.0.1:6379/9", "MODEL_DIR": str(tmp_path / "m")}
+    command = [
+        sys.executable, "-m", "backend", "demo", "--simulate-engineers", "--out", str(out),
+        "--sets", "2", "--set-size", "150", "--first-model-wafers", "600",
+        "--first-model-epochs", "2", "--epochs", "1", "--image-size", "16",
+        "--label-studio-port", str(free_port()),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
+        )
+    finally:
+        drop_database(choose_database(out / "label-studio", "auto"), out / "label-studio")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["set"] for s in report["sets"]] == [1, 2]
+    for s in report["sets"]:
+        assert s["wafers"] == 150
+        assert s["engineer_labels"] + s["auto_labels"] == 150
+        assert 0 <= s["audit_wafers"] <= s["engineer_labels"]
+        assert 0 <= s["true_accuracy"] <= 1 and s["promise_met"] in (True, False)
+        assert s["next_set_seconds"] > 0 and s["opening_seconds"] > 0
+        assert s["model_version"]
+    assert report["wafers"] == 300
+    assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
+    table = (out / "results.md").read_text()
+    assert table.count("\n| 1 |") == 1 and "| all | 300 |" in table
