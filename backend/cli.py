@@ -318,7 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Label Studio's database: auto (PostgreSQL on 127.0.0.1:5432 when it answers, else "
         "SQLite), sqlite, postgresql, or a postgresql://user:password@host:port/db admin URL",
     )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (wiped)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/demo"),
+        help="demo directory (wiped, unless --resume)",
+    )
+    demo.add_argument(
+        "--resume",
+        action="store_true",
+        help="carry on with the stopped run in --out (same sizes and seed): its Label Studio, "
+        "project, models and finished sets",
+    )
     demo.add_argument(
         "--first-model-wafers",
         type=int,
@@ -481,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "interrupted (a study keeps its finished sets: run the same command to resume)",
+            "interrupted (a study keeps its finished sets: run the same command to resume; a "
+            "demo too, with --resume)",
             file=sys.stderr,
         )
         return 130
@@ -522,6 +534,7 @@ def _run(args: argparse.Namespace) -> int:
             first_model_wafers=args.first_model_wafers,
             set_size=args.set_size,
             first_model_epochs=args.first_model_epochs,
+            resume=args.resume,
         )
         return main_demo(config, settings, labels, wafers)
     if args.command == "load-test":

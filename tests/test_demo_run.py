@@ -1,14 +1,17 @@
 """`python -m backend demo --simulate-engineers`, small: the whole product on this machine (its
 own Label Studio on PostgreSQL when one answers, Redis, gunicorn backend, rq worker), a first
 model trained offline on a labelled history, two sets of new wafers labelled through the SDK by
-simulated engineers (audit wafers included), and the report the full-scale run writes."""
+simulated engineers (audit wafers included), stopped after the first set and resumed, and the
+report the full-scale run writes."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,22 +24,46 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_demo_runs_two_sets_and_reports_each(tmp_path: Path) -> None:
+def finished_sets(out: Path) -> int:
+    try:
+        return len(json.loads((out / "rows.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    env = os.environ | {"REDIS_URL": "redis://127.0.0.1:6379/9", "MODEL_DIR": str(tmp_path / "m")}
+    env = os.environ | {"REDIS_URL": "redis://127.0.0.1:6379/9", "PYTHONUNBUFFERED": "1"}
     command = [
         sys.executable, "-m", "backend", "demo", "--simulate-engineers", "--out", str(out),
         "--sets", "2", "--set-size", "150", "--first-model-wafers", "600",
         "--first-model-epochs", "2", "--epochs", "1", "--image-size", "16",
         "--label-studio-port", str(free_port()),
     ]  # fmt: skip
+    log = (tmp_path / "first.log").open("w")
     try:
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 1200
+        while finished_sets(out) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert finished_sets(out) == 1, (tmp_path / "first.log").read_text()[-3000:]
+        first.send_signal(signal.SIGTERM)  # a stopped run, mid-way through set 2
+        assert first.wait(timeout=120) != 0
+        set_1 = json.loads((out / "rows.json").read_text())[0]
+        # Resuming with other sizes is refused before anything starts
+        other = [*command[:-2], "--resume", "--seed", "7"]
+        refused = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "same sizes and seed" in refused.stderr
         done = subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
-        )
+            [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=1200,
+        )  # fmt: skip
     finally:
+        log.close()
         drop_database(choose_database(out / "label-studio", "auto"), out / "label-studio")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "carrying on with the run" in done.stderr and "1 of 2 sets finished" in done.stderr
+    assert json.loads((out / "rows.json").read_text())[0] == set_1
     report = json.loads((out / "report.json").read_text())
     assert [s["set"] for s in report["sets"]] == [1, 2]
     for s in report["sets"]:
@@ -44,8 +71,8 @@ def test_the_demo_runs_two_sets_and_reports_each(tmp_path: Path) -> None:
         assert s["engineer_labels"] + s["auto_labels"] == 150
         assert 0 <= s["audit_wafers"] <= s["engineer_labels"]
         assert 0 <= s["true_accuracy"] <= 1 and s["promise_met"] in (True, False)
-        assert s["next_set_seconds"] > 0 and s["opening_seconds"] > 0
-        assert s["model_version"]
+        assert s["next_set_seconds"] > 0 and s["model_version"]
+    assert report["sets"][0]["opening_seconds"] > 0
     assert report["wafers"] == 300
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
     table = (out / "results.md").read_text()

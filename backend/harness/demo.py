@@ -94,6 +94,13 @@ class DemoConfig:
     #: Wafers per set after the history (with `first_model_wafers`).
     set_size: int = 2_000
     first_model_epochs: int = FIRST_MODEL_EPOCHS
+    #: Carry on with the run in `out` (its Label Studio, project, models and finished sets)
+    #: instead of starting afresh; the same sizes and seed must be given.
+    resume: bool = False
+
+
+#: What a resumed demo needs of the run it carries on: project, users, and the sizes it used.
+STATE_FILE = "demo-state.json"
 
 
 @dataclass(frozen=True)
@@ -255,21 +262,26 @@ def run_demo(
 ) -> list[SetRow]:
     """Bring the system up, import the sets, and (optionally) run the loop to the end."""
     out = config.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    state = _read_state(out, config) if config.resume else None
+    if state is None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
     settings = dataclasses.replace(settings, model_dir=out / "models")
     plan = demo_plan(wafers, config)
-    truth_path = write_truth(out / "truth.csv", plan)
+    truth_path = out / "truth.csv" if state is not None else write_truth(out / "truth.csv", plan)
     say(
         f"wafer sets: initial {len(plan.split.initial)}, "
         + ", ".join(f"set {i + 1}: {len(s)}" for i, s in enumerate(plan.split.sets))
     )
-    rows: list[SetRow] = []
+    rows: list[SetRow] = read_rows(out) if state is not None else []
+    if state is not None:
+        say(f"carrying on with the run in {out}: {len(rows)} of {config.sets} sets finished")
     with ExitStack() as stack:
         redis_url = stack.enter_context(running_redis(settings.redis_url, out / "redis"))
         redis = Redis.from_url(redis_url)
-        _clear_loop_state(redis)
+        if state is None:
+            _clear_loop_state(redis)
         say("starting Label Studio (1-3 minutes on a first start: database migrations) ...")
         ls = stack.enter_context(
             running_label_studio(
@@ -277,10 +289,18 @@ def run_demo(
             )
         )
         say(f"Label Studio runs on {ls.database.describe()}")
-        auto = create_user(ls, AUTO_LABELER, secrets.token_urlsafe(16))
-        engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
+        if state is None:
+            auto = create_user(ls, AUTO_LABELER, secrets.token_urlsafe(16))
+            engineer = create_user(ls, ENGINEER, secrets.token_urlsafe(16))
+        else:  # the same users, with the tokens they were made with
+            auto = create_user(ls, AUTO_LABELER, state["auto"]["password"], state["auto"]["token"])
+            engineer = create_user(
+                ls, ENGINEER, state["engineer"]["password"], state["engineer"]["token"]
+            )
         env = _service_env(settings, ls.url, auto.token, redis_url)
-        backend_url = stack.enter_context(running_backend(env, free_port(), out / "backend.log"))
+        # a resumed run serves on the port Label Studio knows the backend and its webhook by
+        backend_port = state["backend_port"] if state is not None else free_port()
+        backend_url = stack.enter_context(running_backend(env, backend_port, out / "backend.log"))
 
         def start_worker() -> None:
             stack.enter_context(
@@ -290,7 +310,7 @@ def run_demo(
             )
             wait_for_worker(redis_url, QUEUES, timeout=60)
 
-        if not config.first_model_wafers:
+        if not config.first_model_wafers and state is None:
             start_worker()
         service = dataclasses.replace(
             settings, label_studio_url=ls.url, label_studio_api_key=auto.token
@@ -299,21 +319,39 @@ def run_demo(
             auto_user = backend_account.current_user_id()
             with LabelStudioClient.connect(ls.url, ls.api_key) as admin:
                 wiring = wire_project(admin, service, PROJECT_TITLE, backend_url, auto_user)
-            import_sets(
-                backend_account,
-                wiring.project,
-                plan,
-                labels,
-                report=say,
-                store=WaferStore.for_project(settings.model_dir, wiring.project),
-            )
+            if state is None:
+                import_sets(
+                    backend_account,
+                    wiring.project,
+                    plan,
+                    labels,
+                    report=say,
+                    store=WaferStore.for_project(settings.model_dir, wiring.project),
+                )
         _print_login(ls.url, ls.admin, engineer, wiring.project, wiring.views, out, say)
-        if config.first_model_wafers:
+        if state is not None:
+            start_worker()  # its first advance repairs what the stopped run left behind
+            request_advance(redis, wiring.project)
+        elif config.first_model_wafers:
             # The worker starts once the first model is served, so it opens set 1 with it
             # instead of training its own on set 0 (the import's events wait in Redis).
             publish_first_model(config, settings, labels, plan, wiring.project, say)
             start_worker()
             request_advance(redis, wiring.project)
+        if state is None:
+            atomic_write_text(
+                out / STATE_FILE,
+                json.dumps(
+                    {
+                        "project": wiring.project,
+                        "auto": auto.__dict__,
+                        "engineer": engineer.__dict__,
+                        "sizes": _sizes(config),
+                        "backend_port": backend_port,
+                    }
+                ),
+                mode=0o600,
+            )
         atomic_write_text(
             out / "logins.json",
             json.dumps({"url": ls.url, "admin": ls.admin.__dict__, "engineer": engineer.__dict__}),
@@ -335,7 +373,7 @@ def run_demo(
             LabelStudioClient.connect(ls.url, engineer.token) as person,
             LabelStudioClient.connect(ls.url, auto.token) as backend_account,
         ):
-            for number in range(1, config.sets + 1):
+            for number in range(len(rows) + 1, config.sets + 1):
                 start = time.monotonic()
                 labelled = label_uncertain(person, wiring.project, number, truth, labels)
                 engineer_seconds = time.monotonic() - start
@@ -382,8 +420,43 @@ def write_results(out: Path, rows: list[SetRow]) -> None:
     """results.json, results.md and report.json of the sets finished so far (after each set,
     so a long run that is stopped keeps what it measured)."""
     atomic_write_text(out / "results.json", json.dumps([_row_json(r) for r in rows], indent=2))
+    atomic_write_text(out / "rows.json", json.dumps([dataclasses.asdict(r) for r in rows]))
     atomic_write_text(out / "results.md", results_table(rows))
     atomic_write_text(out / "report.json", json.dumps(report(rows), indent=2))
+
+
+def read_rows(out: Path) -> list[SetRow]:
+    """The finished sets `write_results` kept (none when it wrote nothing yet)."""
+    path = out / "rows.json"
+    if not path.exists():
+        return []
+    rows = []
+    for d in json.loads(path.read_text()):
+        audit = SetAudit(**d.pop("audit")) if d.get("audit") else None
+        d.pop("audit", None)
+        rows.append(SetRow(outcome=SetCheck(**d.pop("outcome")), audit=audit, **d))
+    return rows
+
+
+def _sizes(config: DemoConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it carries on."""
+    keys = ("subsample", "initial_fraction", "sets", "seed", "first_model_wafers", "set_size")
+    return {k: getattr(config, k) for k in keys}
+
+
+def _read_state(out: Path, config: DemoConfig) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if not path.exists():
+        raise ValueError(
+            f"--resume: {path} is missing (the first run stopped before its sets were imported "
+            "and its first model served, or ran elsewhere); run again without --resume"
+        )
+    state: dict[str, Any] = json.loads(path.read_text())
+    if state["sizes"] != _sizes(config):
+        raise ValueError(
+            f"--resume: the run in {out} used {state['sizes']}; give the same sizes and seed"
+        )
+    return state
 
 
 def report(rows: list[SetRow]) -> dict[str, Any]:
