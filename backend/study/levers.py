@@ -211,32 +211,12 @@ class Bench:
             if unlabelled is None or lever.image_size != PRETRAIN_SIZE:
                 raise ValueError(f"{lever.name} needs the unlabelled codes at {PRETRAIN_SIZE}")
             return self.self_train(lever, codes, train, test, unlabelled)
+        true = self.true[train]
         for seed in lever.seeds:
-            network = build_network(
-                lever.backbone, n_classes, seed, weights if lever.pretrained else None
-            )
-            config = TrainConfig(
-                epochs=lever.epochs,
-                batch_size=lever.batch_size,
-                learning_rate=lever.learning_rate,
-                balance=lever.balance,
-                seed=seed,
-            )
-            report = train_network(
-                network, codes[train], self.true[train], n_classes, config, self.device, lever.name
-            )
-            seconds += report.seconds
-            cpu_seconds += report.cpu_seconds
-            card = ModelCard(
-                version=lever.name,
-                failure_types=self.classes,
-                image_size=lever.image_size,
-                backbone=lever.backbone,
-                logit_adjustment=tuple(
-                    logit_adjustment(self.true[train], n_classes, lever.balance)
-                ),
-            )
-            model = WaferClassifier(network, card, self.device)
+            start = weights if lever.pretrained else None
+            model, s, c = self._train(lever, codes[train], true, lever.epochs, true, seed, start)
+            seconds += s
+            cpu_seconds += c
             probs += model.predict_proba(codes[test]) / len(lever.seeds)
         return {
             "lever": dataclasses.asdict(lever),
@@ -255,15 +235,18 @@ class Bench:
         labels: npt.NDArray[np.int64],
         epochs: int,
         adjust_from: npt.NDArray[np.int64],
+        seed: int,
+        weights: Path | None = None,
     ) -> tuple[WaferClassifier, float, float]:
+        """A model of `lever`'s recipe trained on `codes`; its wall and CPU seconds."""
         n_classes = len(self.classes)
-        network = build_network(lever.backbone, n_classes, lever.seeds[0])
+        network = build_network(lever.backbone, n_classes, seed, weights)
         config = TrainConfig(
             epochs=epochs,
             batch_size=lever.batch_size,
             learning_rate=lever.learning_rate,
             balance=lever.balance,
-            seed=lever.seeds[0],
+            seed=seed,
         )
         report = train_network(network, codes, labels, n_classes, config, self.device, lever.name)
         card = ModelCard(
@@ -287,7 +270,9 @@ class Bench:
         trains on both (as many samples as `student_passes` passes over the labelled wafers)."""
         n_classes = len(self.classes)
         true = self.true[train]
-        teacher, seconds, cpu = self._train(lever, codes[train], true, lever.epochs, true)
+        teacher, seconds, cpu = self._train(
+            lever, codes[train], true, lever.epochs, true, lever.seeds[0]
+        )
         start, cpu_start = time.perf_counter(), time.process_time()
         guess = teacher.predict_proba(unlabelled, batch_size=1024)
         sure = np.flatnonzero(guess.max(1) >= lever.pseudo_label_confidence)
@@ -297,7 +282,9 @@ class Bench:
         both = np.concatenate([codes[train], unlabelled[sure]])
         both_labels = np.concatenate([true, pseudo])
         epochs = max(1, round(lever.student_passes * len(train) / len(both)))
-        student, s_seconds, s_cpu = self._train(lever, both, both_labels, epochs, true)
+        student, s_seconds, s_cpu = self._train(
+            lever, both, both_labels, epochs, true, lever.seeds[0]
+        )
         probs = student.predict_proba(codes[test])
         return {
             "lever": dataclasses.asdict(lever),
