@@ -90,7 +90,6 @@ class PretrainReport:
     cpu_seconds: float
     loss_per_epoch: tuple[float, ...]
     resumed_from_step: int
-
     batch_size: int
 
     @property

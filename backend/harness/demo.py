@@ -432,9 +432,9 @@ def read_rows(out: Path) -> list[SetRow]:
         return []
     rows = []
     for d in json.loads(path.read_text()):
-        audit = SetAudit(**d.pop("audit")) if d.get("audit") else None
-        d.pop("audit", None)
-        rows.append(SetRow(outcome=SetCheck(**d.pop("outcome")), audit=audit, **d))
+        audit = d.pop("audit")
+        outcome = SetCheck(**d.pop("outcome"))
+        rows.append(SetRow(outcome, audit=SetAudit(**audit) if audit else None, **d))
     return rows
 
 

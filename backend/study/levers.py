@@ -174,6 +174,8 @@ class Bench:
     def __init__(
         self, pack: Path, device: torch.device, out: Path, limit: int | None = None
     ) -> None:
+        #: The failure types, read once from the label config.
+        self.classes = parse_label_config(DEFAULT_LABEL_CONFIG.read_text()).failure_types
         self.wafers: WaferMaps
         self.wafers, _ = load_npz(pack / "labelled.npz", self.classes, progress=False)
         self.parts = np.load(pack / "parts.npy")
@@ -185,10 +187,6 @@ class Bench:
         self.out = out
         self.results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
         self._codes: dict[int, npt.NDArray[np.uint8]] = {}
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return parse_label_config(DEFAULT_LABEL_CONFIG.read_text()).failure_types
 
     def codes(self, size: int) -> npt.NDArray[np.uint8]:
         if size not in self._codes:
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(by_name[n].pretrained for n in names) and not weights.exists():
         if args.unlabelled is None:
             parser.error(f"{weights} is missing: pass --unlabelled to pretrain it")
-        codes = read_unlabelled(args.unlabelled)
+        codes = unlabelled if unlabelled is not None else read_unlabelled(args.unlabelled)
         config = PretrainConfig(epochs=args.pretrain_epochs, batch_size=args.pretrain_batch)
         if args.pretrain_seconds:
             config = affordable(codes, config, device, args.pretrain_seconds, weights.parent)
