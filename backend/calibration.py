@@ -216,22 +216,27 @@ def calibrate(
 #
 #     P(the set's labeling accuracy >= target) >= confidence
 #
-# The set may hold E = floor((1 - target) * N) wrong auto labels. The failure probability
-# delta = 1 - confidence is split in two:
-# - delta_estimate: the true error rate p(t) among wafers auto-labelled at threshold t is at most
-#   the exact one-sided (Clopper-Pearson) upper bound of the held-out wafers' errors at t;
-# - delta_scatter: given p(t), the set's own errors X ~ Binomial(n_auto(t), p(t)) stay <= E.
-# A threshold t is accepted when the first bound is <= the largest p for which
-# P(Binomial(n_auto(t), p) <= E) >= 1 - delta_scatter. Thresholds are tested in a fixed order,
-# from the most cautious (fewest auto labels) up, and the search stops at the first one that is
-# not accepted (fixed-sequence testing, as in Learn-then-Test: no correction for the number of
-# thresholds is needed because the order does not depend on the held-out labels). By the union
-# bound the set misses the target with probability at most delta_estimate + delta_scatter.
-# The held-out wafers and the set are assumed to come from the same process; production audits
-# check that assumption.
+# The set may hold E = floor((1 - target) * N) wrong auto labels. At a threshold t, m held-out
+# wafers score <= t and k of them are wrong; the set would auto-label n wafers, X of them wrong.
+# Held-out wafers and set wafers are random wafers of one process, so given the total T = k + X
+# the k errors of the held-out wafers are a random draw of m from the m + n wafers:
+# K ~ Hypergeometric(m + n, T, m), whatever the error rate. The set fails when X >= E + 1, and
+# then T >= k + E + 1; so t is accepted when even T = k + E + 1 would make so few held-out errors
+# unlikely: P(Hypergeometric(m + n, k + E + 1, m) <= k) <= delta = 1 - confidence. This exact
+# prediction bound (a conditional test, as for a future binomial count) bounds the set's failure
+# at delta directly, without a bound on the error rate plus a second one on the scatter (the
+# older "union" method, kept for comparison, splits delta between those two and is more cautious).
+# Thresholds are tested in a fixed order, from the most cautious (fewest auto labels) up, and
+# the search stops at the first one that is not accepted (fixed-sequence testing, as in
+# Learn-then-Test: the order does not depend on the held-out labels). `promise-check` measures
+# how often sets miss on real predictions. Production audits check the one-process assumption.
 
 #: Candidate thresholds tested per set (quantiles of the set's own scores).
 PROMISE_GRID = 256
+
+#: How `promise_cut` bounds a set's failure: "exact" (the prediction bound, served) or "union"
+#: (an error-rate bound plus the set's scatter, each at half the failure probability).
+PROMISE_METHODS = ("exact", "union")
 
 
 def allowed_errors(set_size: int, target_accuracy: float) -> int:
@@ -265,6 +270,37 @@ def _binomial_cdf(
     return np.asarray(np.where(k >= n, 1.0, np.minimum(cdf, 1.0)), dtype=np.float64)
 
 
+def hypergeometric_cdf(
+    k: npt.ArrayLike, population: npt.ArrayLike, successes: npt.ArrayLike, draws: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
+    """P(H <= k) for H ~ Hypergeometric(population, successes, draws), element-wise (exact sums
+    of the pmf in log space)."""
+    k_arr, pop, succ, n = (
+        np.asarray(a, dtype=np.int64).ravel() for a in (k, population, successes, draws)
+    )
+    if not k_arr.shape == pop.shape == succ.shape == n.shape:
+        raise ValueError("k, population, successes and draws must be of one shape")
+    if (succ < 0).any() or (n < 0).any() or (succ > pop).any() or (n > pop).any():
+        raise ValueError("successes and draws must be between 0 and the population")
+    log_fact = _log_factorials(int(pop.max(initial=0)))
+    i = np.arange(int(np.clip(k_arr, 0, None).max(initial=0)) + 1)[:, None]
+    low = np.maximum(0, n + succ - pop)[None, :]
+    high = np.minimum(np.minimum(k_arr, succ), n)[None, :]
+    inside = (i >= low) & (i <= high)
+    j = np.where(inside, i, low)
+
+    def log_choose(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        return np.asarray(log_fact[a] - log_fact[b] - log_fact[a - b], dtype=np.float64)
+
+    log_pmf = (
+        log_choose(succ[None, :], j)
+        + log_choose((pop - succ)[None, :], n[None, :] - j)
+        - log_choose(pop, n)[None, :]
+    )
+    cdf = np.where(inside, np.exp(log_pmf), 0.0).sum(axis=0)
+    return np.asarray(np.clip(cdf, 0.0, 1.0), dtype=np.float64)
+
+
 def largest_rate(
     k: npt.ArrayLike, n: npt.ArrayLike, probability: float, iterations: int = 60
 ) -> npt.NDArray[np.float64]:
@@ -296,8 +332,8 @@ def largest_rate(
 class PromiseCut:
     """A cut that keeps a set's labeling accuracy at or above ``target_accuracy`` with
     probability at least ``confidence``: wafers with score > ``threshold`` go to engineers
-    (``-inf``: all of them). ``error_rate_bound`` is the upper bound on the auto-label error
-    rate at the cut, ``allowed_errors`` how many wrong labels the set may hold."""
+    (``-inf``: all of them). ``error_rate_bound`` is the Clopper-Pearson upper bound on the
+    auto-label error rate at the cut (for information; the exact method does not use it), ``allowed_errors`` how many wrong labels the set may hold."""
 
     threshold: float
     target_accuracy: float
@@ -323,15 +359,19 @@ def promise_cut(
     set_scores: npt.ArrayLike,
     target_accuracy: float,
     confidence: float = 0.95,
+    method: str = "exact",
     estimate_share: float = 0.5,
     grid: int = PROMISE_GRID,
 ) -> PromiseCut:
     """The cut on a score (higher = more likely wrong) that auto-labels the most wafers of the
     set with scores `set_scores` while its labeling accuracy stays at or above
-    `target_accuracy` with probability at least `confidence` (see the comment above:
-    Clopper-Pearson bounds, binomial scatter of the set, fixed-sequence testing).
-    `estimate_share` of the failure probability goes to the estimate, the rest to the scatter.
+    `target_accuracy` with probability at least `confidence` (see the comment above: the exact
+    prediction bound, fixed-sequence testing). With `method` "union", `estimate_share` of the
+    failure probability goes to a Clopper-Pearson bound on the error rate, the rest to the
+    set's binomial scatter.
     """
+    if method not in PROMISE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(PROMISE_METHODS)}, got {method!r}")
     if isinstance(target_accuracy, bool) or not 0.0 < float(target_accuracy) < 1.0:
         raise ValueError(f"target_accuracy must be in (0, 1), got {target_accuracy!r}")
     if isinstance(confidence, bool) or not 0.5 <= float(confidence) < 1.0:
@@ -360,10 +400,22 @@ def promise_cut(
     cum_errors = np.concatenate(([0], np.cumsum(~correct[order], dtype=np.int64)))
     m_below = np.searchsorted(ordered, thresholds, side="right").astype(np.int64)
     e_below = cum_errors[m_below]
-    bound = largest_rate(e_below, m_below, delta_estimate)
+    bound = largest_rate(e_below, m_below, delta_estimate if method == "union" else delta)
     bound = np.where(m_below == 0, 1.0, bound)
-    tolerable = largest_rate(np.full(n_auto.shape, allowed), n_auto, 1.0 - delta_scatter)
-    kept = bound <= tolerable
+    if method == "union":
+        tolerable = largest_rate(np.full(n_auto.shape, allowed), n_auto, 1.0 - delta_scatter)
+        kept = bound <= tolerable
+    else:
+        # the set cannot fail when it auto-labels no more wafers than it may get wrong
+        failing = e_below + allowed + 1
+        room = n_auto > allowed
+        tail = hypergeometric_cdf(
+            e_below,
+            np.where(room, m_below + n_auto, failing),
+            np.where(room, failing, 0),
+            np.where(room, m_below, 0),
+        )
+        kept = ~room | (tail <= delta)
     failed = np.flatnonzero(~kept)
     last = (failed[0] if failed.size else kept.size) - 1
     if last < 0:

@@ -11,6 +11,7 @@ import pytest
 from backend.calibration import (
     allowed_errors,
     calibrate_scores,
+    hypergeometric_cdf,
     largest_rate,
     promise_cut,
 )
@@ -27,6 +28,21 @@ def test_largest_rate_is_the_exact_clopper_pearson_bound() -> None:
     tail = sum(math.comb(2000, i) * p**i * (1 - p) ** (2000 - i) for i in range(11))
     assert tail == pytest.approx(0.975, abs=1e-6)
     assert largest_rate([3, 5], [3, 2], 0.5).tolist() == [1.0, 1.0]  # k >= n: any rate
+
+
+def test_hypergeometric_cdf_matches_scipy() -> None:
+    from scipy.stats import hypergeom
+
+    rng = np.random.default_rng(0)
+    pop = rng.integers(1, 20_000, 300)
+    succ = (rng.random(300) * (pop + 1)).astype(np.int64)
+    draws = (rng.random(300) * (pop + 1)).astype(np.int64)
+    k = rng.integers(-1, 120, 300)
+    ours = hypergeometric_cdf(k, pop, succ, draws)
+    theirs = hypergeom.cdf(k, pop, succ, draws)
+    assert np.allclose(ours, theirs, atol=1e-9), np.abs(ours - theirs).max()
+    with pytest.raises(ValueError):
+        hypergeometric_cdf([1], [10], [11], [2])
 
 
 def test_allowed_errors() -> None:
@@ -79,17 +95,22 @@ def test_sets_miss_the_target_no_more_often_than_promised() -> None:
     99.5% stays within the promised 5%, where the expected-accuracy cut misses far more."""
     rng = np.random.default_rng(4)
     sets = 200
-    missed_promise = missed_expected = 0
+    missed = {"exact": 0, "union": 0, "expected": 0}
+    auto = {"exact": 0, "union": 0}
     for _ in range(sets):
         val, ok = population(rng, 2600)
         new, new_ok = population(rng, 2000)
-        cut = promise_cut(val, ok, new, 0.995, 0.95, grid=64)
-        missed_promise += labeling_accuracy(new, new_ok, cut.threshold) < 0.995
+        for method in ("exact", "union"):
+            cut = promise_cut(val, ok, new, 0.995, 0.95, method, grid=64)
+            missed[method] += labeling_accuracy(new, new_ok, cut.threshold) < 0.995
+            auto[method] += cut.auto_wafers
         expected = calibrate_scores(val, ok, 0.995, 0.9, new)
-        missed_expected += labeling_accuracy(new, new_ok, expected.threshold) < 0.995
+        missed["expected"] += labeling_accuracy(new, new_ok, expected.threshold) < 0.995
     # 5% of 200 is 10; allow the binomial scatter of the check itself (P(Bin(200,.05) > 17) < 2%)
-    assert missed_promise <= 17, missed_promise
-    assert missed_expected > missed_promise
+    assert missed["exact"] <= 17 and missed["union"] <= 17, missed
+    assert missed["expected"] > missed["exact"]
+    # the exact bound spends the whole failure probability on one bound: more auto labels
+    assert auto["exact"] > auto["union"], auto
 
 
 @pytest.mark.parametrize(
@@ -100,10 +121,11 @@ def test_sets_miss_the_target_no_more_often_than_promised() -> None:
         {"confidence": 1.0},
         {"confidence": 0.4},
         {"estimate_share": 0.0},
+        {"method": "bonferroni"},
     ],
 )
-def test_bad_promises_are_refused(kwargs: dict[str, float]) -> None:
-    args: dict[str, float] = {"target_accuracy": 0.995, "confidence": 0.95} | kwargs
+def test_bad_promises_are_refused(kwargs: dict[str, float | str]) -> None:
+    args: dict[str, float | str] = {"target_accuracy": 0.995, "confidence": 0.95} | kwargs
     with pytest.raises(ValueError):
         promise_cut([0.1], [True], [0.1], **args)  # type: ignore[arg-type]
 
@@ -126,7 +148,9 @@ def test_the_promise_check_counts_missed_sets_for_both_rules() -> None:
     sets = [evidence(rng, 4000) for _ in range(3)]
     figures = check_promise(sets, 0.995, 0.95, resamples=60, set_size=2000)
     assert figures["expected"].sets == figures["promise"].sets == 60
+    assert figures["promise-union"].sets == 60
     assert figures["promise"].miss_rate <= 0.05 + 0.05  # 5% promised, scatter of 60 draws
+    assert figures["promise"].engineer_ratio <= figures["promise-union"].engineer_ratio
     assert figures["promise"].missed <= figures["expected"].missed
     assert figures["promise"].engineer_ratio >= figures["expected"].engineer_ratio
     assert figures["promise"].worst_accuracy >= figures["expected"].worst_accuracy

@@ -19,8 +19,11 @@ the held-out sample can be as large as a fab's history gives (a 15% hold-out of 
 The rules compared:
 - ``expected``: `backend.calibration.calibrate_scores` at 90% per threshold (the older served
   rule, WAFER_PROMISE_CONFIDENCE=0), which bounds the expected auto-label error;
-- ``promise``: `backend.calibration.promise_cut` at `confidence` (the served rule), which keeps
-  the drawn set's own accuracy at the target with that probability.
+- ``promise``: `backend.calibration.promise_cut` at `confidence` (the served rule, its exact
+  prediction bound), which keeps the drawn set's own accuracy at the target with that
+  probability;
+- ``promise-union``: the same promise by its older union of two bounds (an error-rate bound and
+  the set's scatter, each at half the failure probability), served until 2026-12-04.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def check_promise(
     seed: int = 0,
 ) -> dict[str, RuleFigures]:
     """Draw `resamples` sets (spread over the evidence's sets, with replacement, each with a
-    resampled hold-out of its own size) and route each by both rules."""
+    resampled hold-out of its own size) and route each by every rule."""
     rng = np.random.default_rng(seed)
     prepared = []
     for e in evidence:
@@ -104,7 +107,7 @@ def check_promise_pooled(
     seed: int = 0,
 ) -> dict[str, RuleFigures]:
     """Draw a calibration sample and a disjoint set from one model's predictions, `resamples`
-    times, and route each set by both rules."""
+    times, and route each set by every rule."""
     if set_size + calibration_size > len(pool.true):
         raise ValueError(
             f"the pool holds {len(pool.true):,} wafers: fewer than a set of {set_size:,} and "
@@ -123,12 +126,17 @@ def check_promise_pooled(
 
 
 def _route_draws(draws: Sequence[Draw], target: float, confidence: float) -> dict[str, RuleFigures]:
-    outcomes: dict[str, list[tuple[bool, float, float]]] = {"expected": [], "promise": []}
+    outcomes: dict[str, list[tuple[bool, float, float]]] = {
+        "expected": [],
+        "promise": [],
+        "promise-union": [],
+    }
     for s, ok, vs, vok in draws:
         n = len(s)
         cuts = {
             "expected": calibrate_scores(vs, vok, target, 0.9, s).threshold,
             "promise": promise_cut(vs, vok, s, target, confidence).threshold,
+            "promise-union": promise_cut(vs, vok, s, target, confidence, "union").threshold,
         }
         for name, cut in cuts.items():
             auto = s <= cut
@@ -156,7 +164,7 @@ def run_promise_check(
     pool: bool = False,
     calibration_size: int = 2600,
 ) -> dict[str, Any]:
-    """Collect the evidence a routing study keeps (one view), check both rules, write results."""
+    """Collect the evidence a routing study keeps (one view), check every rule, write results."""
     # The initial set's random hold-out when the run's models never trained on it (bounded
     # retraining), as the backend calibrates on random person-labelled wafers; else the phase's.
     hold_out = "initial" if study.config.retrain == "bounded" else "phase"
@@ -205,7 +213,8 @@ def promise_markdown(results: dict[str, Any]) -> str:
         "| mean accuracy | worst |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    promised = {"expected": "(none per set)", "promise": f"{100 * (1 - confidence):.1f}%"}
+    per_set = f"{100 * (1 - confidence):.1f}%"
+    promised = {"expected": "(none per set)", "promise": per_set, "promise-union": per_set}
     for name, f in results["rules"].items():
         lines.append(
             f"| {name} | {f['missed']} | {100 * f['miss_rate']:.1f}% | {promised[name]} | "
