@@ -339,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--set-size", type=int, default=2_000, help="wafers per set (2000)")
     demo.add_argument(
+        "--engineers",
+        type=int,
+        default=1,
+        help="--simulate-engineers: engineers labelling each queue at once (1)",
+    )
+    demo.add_argument(
         "--first-model-epochs", type=int, default=FIRST_MODEL_EPOCHS, help=f"({FIRST_MODEL_EPOCHS})"
     )
 
@@ -521,6 +527,9 @@ def _run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(
             settings, **({"epochs": args.epochs} if args.epochs is not None else {})
         )
+        if args.engineers < 1:
+            print(f"--engineers must be at least 1, got {args.engineers}", file=sys.stderr)
+            return 2
         wafers, _ = _load(settings, labels)
         config = DemoConfig(
             out=args.out,
@@ -535,6 +544,7 @@ def _run(args: argparse.Namespace) -> int:
             set_size=args.set_size,
             first_model_epochs=args.first_model_epochs,
             resume=args.resume,
+            engineers=args.engineers,
         )
         return main_demo(config, settings, labels, wafers)
     if args.command == "load-test":

@@ -1,8 +1,8 @@
 """`python -m backend demo --simulate-engineers`, small: the whole product on this machine (its
 own Label Studio on PostgreSQL when one answers, Redis, gunicorn backend, rq worker), a first
 model trained offline on a labelled history, two sets of new wafers labelled through the SDK by
-simulated engineers (audit wafers included), stopped after the first set and resumed, and the
-report the full-scale run writes."""
+simulated engineers (audit wafers included; three at once after the resume), stopped after the
+first set and resumed, and the report the full-scale run writes."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
         other = [*command[:-2], "--resume", "--seed", "7"]
         refused = subprocess.run(other, cwd=ROOT, env=env, capture_output=True, text=True)
         assert refused.returncode == 2 and "same sizes and seed" in refused.stderr
+        # ... and set 2 is labelled by three engineers at once
         done = subprocess.run(
-            [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+            [*command, "--resume", "--engineers", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
             timeout=1200,
         )  # fmt: skip
     finally:
@@ -72,6 +73,9 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
         assert 0 <= s["audit_wafers"] <= s["engineer_labels"]
         assert 0 <= s["true_accuracy"] <= 1 and s["promise_met"] in (True, False)
         assert s["next_set_seconds"] > 0 and s["model_version"]
+        wrong = s["wrong_auto_wafers"]
+        assert len(wrong) == round(s["auto_labels"] * (1 - (s["auto_label_accuracy"] or 1)))
+        assert all(isinstance(w, int) and w >= 0 for w in wrong)
     assert report["sets"][0]["opening_seconds"] > 0
     assert report["wafers"] == 300
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])

@@ -97,6 +97,8 @@ class DemoConfig:
     #: Carry on with the run in `out` (its Label Studio, project, models and finished sets)
     #: instead of starting afresh; the same sizes and seed must be given.
     resume: bool = False
+    #: Simulated engineers labelling each set's queue at once (one account, several threads).
+    engineers: int = 1
 
 
 #: What a resumed demo needs of the run it carries on: project, users, and the sizes it used.
@@ -375,7 +377,9 @@ def run_demo(
         ):
             for number in range(len(rows) + 1, config.sets + 1):
                 start = time.monotonic()
-                labelled = label_uncertain(person, wiring.project, number, truth, labels)
+                labelled = label_uncertain(
+                    person, wiring.project, number, truth, labels, config.engineers
+                )
                 engineer_seconds = time.monotonic() - start
                 next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
                 opened = open_step_seconds(redis, wiring.project) | opened
@@ -490,6 +494,7 @@ def report(rows: list[SetRow]) -> dict[str, Any]:
                 "opening_seconds": r.opening_seconds,
                 "engineer_seconds": r.engineer_seconds,
                 "next_set_seconds": r.next_set_seconds,
+                "wrong_auto_wafers": list(o.wrong_auto_wafers),
             }
         )
     wafers = sum(r.outcome.wafers for r in rows)

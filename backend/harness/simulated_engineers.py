@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +66,28 @@ def label_uncertain(
     set_number: int,
     truth: Mapping[int, str],
     labels: LabelConfig,
+    engineers: int = 1,
 ) -> int:
-    """Label every unlabelled wafer of the set with its true failure type; returns how many."""
-    count = 0
-    for task in client.tasks_of_set(project, set_number, only_unlabelled=True):
+    """Label every unlabelled wafer of the set with its true failure type; returns how many.
+
+    `engineers` label at once (threads sharing the account), as a team works one queue: the
+    set's unlabelled wafers are listed first, then shared out."""
+    if engineers < 1:
+        raise ValueError(f"engineers must be at least 1, got {engineers}")
+    waiting = list(client.tasks_of_set(project, set_number, only_unlabelled=True))
+
+    def label(task: Mapping[str, Any]) -> None:
         wafer = int((task.get("data") or {})["wafer_id"])
         client.accept_prediction(task["id"], project, choice_result(labels, truth[wafer]), None)
-        count += 1
-    return count
+
+    if engineers == 1:
+        for task in waiting:
+            label(task)
+    else:
+        with ThreadPoolExecutor(engineers, thread_name_prefix="engineer") as team:
+            for _ in team.map(label, waiting):
+                pass
+    return len(waiting)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ class SetCheck:
     #: how many of those name the true one: the model's accuracy on the set.
     predicted: int = 0
     predicted_right: int = 0
+    #: The wafer ids of the wrong auto labels (to set beside WM-811K's suspect labels).
+    wrong_auto_wafers: tuple[int, ...] = ()
 
     @property
     def model_accuracy(self) -> float | None:
@@ -115,7 +132,8 @@ def set_outcome(
 ) -> SetCheck:
     """Count engineer and auto labels of a set, the auto labels that are wrong, and how often
     the set's predictions name the true failure type."""
-    engineer = auto = errors = waiting = predicted = right = 0
+    engineer = auto = waiting = predicted = right = 0
+    wrong: list[int] = []
     versions: set[str] = set()
     for task in client.tasks_of_set(project, set_number):
         data: dict[str, Any] = task.get("data") or {}
@@ -140,16 +158,18 @@ def set_outcome(
             engineer += 1
             continue
         auto += 1
-        if label_of(task, labels, auto_user) != truth.get(int(data.get("wafer_id", -1))):
-            errors += 1
+        wafer = int(data.get("wafer_id", -1))
+        if label_of(task, labels, auto_user) != truth.get(wafer):
+            wrong.append(wafer)
     return SetCheck(
         set_number=set_number,
         wafers=engineer + auto + waiting,
         engineer=engineer,
         auto=auto,
-        auto_errors=errors,
+        auto_errors=len(wrong),
         waiting=waiting,
         model_version=", ".join(sorted(versions)),
         predicted=predicted,
         predicted_right=right,
+        wrong_auto_wafers=tuple(sorted(wrong)),
     )
