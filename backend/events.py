@@ -87,7 +87,8 @@ def handle_event(
             # Studio which wafers lack a prediction anyway (the mark is a hint for its report):
             # drop the mark so a delivered TASKS_CREATED is not reported as a lost one.
             redis.delete(opened_key(project))
-        queued = request_advance(redis, project)
+        # A person's label can only finish the open set: a light advance checks just that.
+        queued = request_advance(redis, project, light=action in ANNOTATION_ACTIONS)
     except RedisError as exc:
         raise QueueUnavailableError(
             f"{action} for project {project} was not queued: Redis is not reachable "

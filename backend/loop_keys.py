@@ -84,6 +84,19 @@ def advance_key(project: int) -> str:
     return f"wafermap:project:{project}:advance-pending"
 
 
+def full_advance_key(project: int) -> str:
+    """Set while a full advance was asked for (anything but a person's label): the queued
+    advance then does its whole pass even if it was queued by a label."""
+    return f"wafermap:project:{project}:advance-full"
+
+
+def waiting_key(project: int) -> str:
+    """ "SET:VERSION" while the last full advance found the set open, every wafer of it tried by
+    VERSION, and engineers labelling: a label's advance then only checks that the set still
+    has a wafer waiting (`backend.jobs.advance`, light)."""
+    return f"wafermap:project:{project}:waiting"
+
+
 def opened_key(project: int) -> str:
     """Redis hash: set number -> the model version that pre-annotated all of it."""
     return f"wafermap:project:{project}:opened"
@@ -405,18 +418,25 @@ def request_sweep(redis: Redis, interval_s: float) -> bool:
     return True
 
 
-def request_advance(redis: Redis, project: int) -> bool:
+def request_advance(redis: Redis, project: int, *, light: bool = False) -> bool:
     """Enqueue one `advance_job` for the project unless one is waiting; True when enqueued.
-    The project is remembered for the periodic sweep either way."""
+    The project is remembered for the periodic sweep either way.
+
+    `light`: asked for by a person's label, which can only finish the open set. The job then
+    first checks whether the set still has a wafer waiting (one query) and stops there if so;
+    any other request (a full one) makes the waiting job do its whole pass."""
     remember_project(redis, project)
+    if not light:
+        redis.set(full_advance_key(project), "1", ex=ADVANCE_DEBOUNCE_S)
     if not redis.set(advance_key(project), "1", nx=True, ex=ADVANCE_DEBOUNCE_S):
         return False
     try:
         Queue(EVENTS_QUEUE, connection=redis).enqueue(
             ADVANCE_JOB,
             project,
+            light,
             job_timeout=RETRAIN_TIMEOUT_S,
-            description=f"advance project {project}",
+            description=f"advance project {project}{' (a label)' if light else ''}",
         )
     except BaseException:
         redis.delete(advance_key(project))

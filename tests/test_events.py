@@ -9,7 +9,13 @@ from redis import Redis
 from rq import Queue
 
 from backend.events import EventError, QueueUnavailableError, handle_event, project_of
-from backend.loop_keys import EVENTS_QUEUE, TRAINING_QUEUE, advance_key, opened_key
+from backend.loop_keys import (
+    EVENTS_QUEUE,
+    TRAINING_QUEUE,
+    advance_key,
+    full_advance_key,
+    opened_key,
+)
 
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 AUTO_USER = 1
@@ -91,7 +97,9 @@ def test_a_persons_annotation_is_queued_once(redis: Redis) -> None:
     assert Queue(TRAINING_QUEUE, connection=redis).count == 0
     job = Queue(EVENTS_QUEUE, connection=redis).jobs[0]
     assert job.func_name == "backend.jobs.advance_job"
-    assert job.args == (2,)
+    # a person's label asks for a light advance, and nothing asked for a full one
+    assert job.args == (2, True)
+    assert not redis.exists(full_advance_key(2))
 
 
 def test_start_training_and_tasks_created_are_queued(redis: Redis) -> None:
@@ -108,7 +116,18 @@ def test_start_training_and_tasks_created_are_queued(redis: Redis) -> None:
         "project": 4,
     }
     assert events_queued(redis) == 2
-    assert sorted(j.args for j in Queue(EVENTS_QUEUE, connection=redis).jobs) == [(3,), (4,)]
+    jobs = sorted(j.args for j in Queue(EVENTS_QUEUE, connection=redis).jobs)
+    assert jobs == [(3, False), (4, False)]
+    assert redis.exists(full_advance_key(3)) and redis.exists(full_advance_key(4))
+
+
+def test_new_wafers_make_a_queued_light_advance_full(redis: Redis) -> None:
+    assert handle_event(created(ENGINEER, {"id": 6}), redis, auto)["status"] == "queued"
+    assert not redis.exists(full_advance_key(6))
+    tasks = {"action": "TASKS_CREATED", "project": {"id": 6}, "tasks": [{"id": 1}]}
+    assert handle_event(tasks, redis, auto)["status"] == "already queued"
+    # the queued job was asked for by a label, but the flag makes it do its whole pass
+    assert redis.exists(full_advance_key(6))
 
 
 def test_project_as_a_plain_id(redis: Redis) -> None:

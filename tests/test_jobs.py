@@ -352,7 +352,7 @@ def test_request_advance_is_debounced(redis: Redis) -> None:
     ttl: Any = redis.ttl(advance_key(4))
     assert 0 < ttl <= ADVANCE_DEBOUNCE_S
     job = queue.fetch_job(queue.job_ids[0])
-    assert job is not None and job.args == (4,)
+    assert job is not None and job.args == (4, False)
     # Another project is not held back.
     assert request_advance(redis, 9) is True
     assert queue.count == 2
@@ -381,7 +381,8 @@ def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
     from backend.settings import Settings
     from backend.uncertainty import margin
 
-    # 400 validation wafers: confident ones (margin score 0.0) all right, unsure ones (0.9) half wrong.
+    # 400 validation wafers: confident ones (margin score 0.0) all right, unsure ones (0.9) half
+    # wrong; the batch's unsure wafers (score 1.0) are less sure still.
     scores = [0.0] * 300 + [0.9] * 100
     correct = [True] * 300 + [True, False] * 50
     card = ModelCard(
@@ -392,7 +393,7 @@ def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
         logit_adjustment=(0.0, 0.0),
         validation=HeldOutScores("margin", tuple(scores), tuple(correct)),
     )
-    confident = np.array([[1.0, 0.0]] * 8 + [[0.55, 0.45]] * 2)
+    confident = np.array([[1.0, 0.0]] * 8 + [[0.5, 0.5]] * 2)
     expected = Settings(target_accuracy=0.99, promise_confidence=0.0)
     rule = serving_rule(expected, card, confident)
     routes = rule.routes(confident)
@@ -401,13 +402,18 @@ def test_serving_rule_calibrates_to_the_batch_with_stored_validation() -> None:
     # A stricter target than the evidence can promise sends everything to engineers.
     strict = serving_rule(Settings(target_accuracy=0.9999, promise_confidence=0.0), card, confident)
     assert (strict.routes(confident) == "engineer").all()
-    # The per-set promise (the default, 95%): a batch of 10 at 99% may hold no wrong label, and
-    # 300 error-free held-out wafers cannot rule out a 1% error rate at 97.5%: all to engineers.
+    # The per-set promise (the default, 95%): a batch of 10 at 99% may hold no wrong label.
+    # Were one of its 8 confident wafers wrong, 300 error-free confident held-out wafers (the
+    # wafers being exchangeable) would come with probability 8/308 < 5%: those 8 are auto ...
     promised = serving_rule(Settings(target_accuracy=0.99), card, confident)
+    assert list(promised.routes(confident)) == ["auto"] * 8 + ["engineer"] * 2
+    # ... while 30 error-free held-out wafers (8/38 > 5%) cannot promise it: all to engineers.
+    few = dataclasses.replace(card, validation=HeldOutScores("margin", (0.0,) * 30, (True,) * 30))
+    promised = serving_rule(Settings(target_accuracy=0.99), few, confident)
     assert (promised.routes(confident) == "engineer").all()
     # A set of 2,000 such wafers may hold 20 wrong labels; with 3,000 error-free confident
     # held-out wafers (not 300) the confident ones are auto-labelled, the unsure ones not (the
-    # held-out unsure wafers score 0.5, below the set's 0.9: half of them are wrong).
+    # held-out unsure wafers score 0.5, below the set's 1.0: half of them are wrong).
     more = HeldOutScores(
         "margin", (0.0,) * 3000 + (0.5,) * 100, (True,) * 3000 + (True, False) * 50
     )

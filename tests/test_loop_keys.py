@@ -358,7 +358,10 @@ def test_the_sweep_advances_every_known_project_and_forgets_deleted_ones(
     outcome = sweep(redis, tmp_path, exists=lambda project: project != 12)
     assert outcome == {"advanced": [9], "pending": [4], "gone": [12]}
     assert known_projects(redis) == [4, 9]
-    assert [job.args for job in Queue(EVENTS_QUEUE, connection=redis).jobs] == [(4,), (9,)]
+    assert [job.args for job in Queue(EVENTS_QUEUE, connection=redis).jobs] == [
+        (4, False),
+        (9, False),
+    ]
 
 
 def test_a_wafer_worker_enqueues_the_sweep_from_its_own_heartbeat(

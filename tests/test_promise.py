@@ -125,7 +125,8 @@ def test_sets_miss_the_target_no_more_often_than_promised() -> None:
     ],
 )
 def test_bad_promises_are_refused(kwargs: dict[str, float | str]) -> None:
-    args: dict[str, float | str] = {"target_accuracy": 0.995, "confidence": 0.95} | kwargs
+    args: dict[str, float | str] = {"target_accuracy": 0.995, "confidence": 0.95}
+    args.update(kwargs)
     with pytest.raises(ValueError):
         promise_cut([0.1], [True], [0.1], **args)  # type: ignore[arg-type]
 

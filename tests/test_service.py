@@ -241,7 +241,7 @@ def test_webhook_queues_a_persons_annotation(client: FlaskClient, redis: Redis) 
     assert response.json == {"status": "queued", "action": "ANNOTATION_CREATED", "project": 2}
     queue = Queue(EVENTS_QUEUE, connection=redis)
     assert queue.count == 1
-    assert queue.jobs[0].args == (2,)
+    assert queue.jobs[0].args == (2, True)
     again = client.post("/webhook", json=payload)
     assert body_of(again)["status"] == "already queued"
     assert queue.count == 1
@@ -313,7 +313,7 @@ def test_top_level_model_class(model_dir: Path, redis: Redis, label_config: Labe
     }
     queue = Queue(EVENTS_QUEUE, connection=redis)
     assert queue.count == 1
-    assert queue.jobs[0].args == (3,)
+    assert queue.jobs[0].args == (3, False)
     assert model.webhook({"action": "TASKS_CREATED", "project": 3})["status"] == "already queued"
     assert model.metrics()["projects"]["2"]["versions"][0]["version"] == VERSION
     assert model.versions("2") == [VERSION]
