@@ -422,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     promise.add_argument(
         "--calibration-size", type=int, default=2600, help="--pool: held-out wafers per draw"
     )
+    replay = sub.add_parser(
+        "promise-replay",
+        help="a demo run's sets routed again by each promise rule with the models that opened "
+        "them, against the true labels",
+    )
+    replay.add_argument("run", type=Path, help="the demo's directory (demo --out)")
+    replay.add_argument("--target-accuracy", type=float, default=0.995)
+    replay.add_argument("--confidence", type=float, default=0.95)
+    replay.set_defaults(data=None)
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -581,6 +590,17 @@ def _run(args: argparse.Namespace) -> int:
         return _routing_study(args, settings, labels)
     if args.command == "promise-check":
         return _promise_check(args, settings, labels)
+    if args.command == "promise-replay":
+        from backend.study.promise_check import replay_demo
+
+        if not (args.run / "demo-state.json").is_file():
+            print(f"{args.run} is not a demo run (no demo-state.json)", file=sys.stderr)
+            return 2
+        replay_demo(
+            args.run, args.target_accuracy, args.confidence, log=lambda s: print(s, file=sys.stderr)
+        )
+        print((args.run / "promise-replay.md").read_text())
+        return 0
     if args.command == "label-issues":
         return _label_issues(args, settings, labels)
     if args.command == "pretrain":

@@ -81,3 +81,13 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
     table = (out / "results.md").read_text()
     assert table.count("\n| 1 |") == 1 and "| all | 300 |" in table
+    # The run's sets routed again by each promise rule, with the models that opened them
+    replay = [sys.executable, "-m", "backend", "promise-replay", str(out)]
+    replayed = subprocess.run(replay, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    results = json.loads((out / "promise-replay.json").read_text())
+    for s in results["sets"]:
+        assert s["wafers"] == 150 and 0 <= s["model_accuracy"] <= 1
+        served, exact = s["served_engineer"], s["rules"]["promise"]["engineer"]
+        assert abs(served - exact) <= 2, s  # the served cut, up to float noise at the cut
+        assert exact <= s["rules"]["promise-union"]["engineer"]

@@ -28,21 +28,27 @@ The rules compared:
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from backend.calibration import calibrate_scores, promise_cut
+from backend.classifier import load_version, pick_device
+from backend.encoding import encode_wafers
 from backend.files import atomic_write_text
+from backend.model_store import ModelStore
 from backend.study.routing_methods import Evidence
 from backend.study.routing_study import collect_evidence
 from backend.study.simulate import Study, json_safe
 from backend.study.temperature import softmax
-from backend.uncertainty import Measure, uncertainty
+from backend.uncertainty import Measure, uncertainty, views_for
+from backend.wafer_store import WaferStore
 
 
 @dataclass(frozen=True)
@@ -220,5 +226,110 @@ def promise_markdown(results: dict[str, Any]) -> str:
             f"| {name} | {f['missed']} | {100 * f['miss_rate']:.1f}% | {promised[name]} | "
             f"{100 * f['engineer_ratio']:.2f}% | {100 * f['accuracy']:.3f}% | "
             f"{100 * f['worst_accuracy']:.3f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---- a demo run's sets, replayed by each rule ---------------------------------------------------
+
+
+def replay_demo(
+    run: Path,
+    target: float = 0.995,
+    confidence: float = 0.95,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Each routed set of a demo run (`demo --out RUN`), routed again by each rule with the model
+    that opened it: that model's held-out wafers (its card), its scores of the set's wafers (from
+    the run's wafer store, predicted again here), and the true labels (RUN/truth.csv). Writes
+    RUN/promise-replay.json and .md; the served rule's engineer count should equal the run's
+    routing (audit wafers aside), which the table shows beside it."""
+    state = json.loads((run / "demo-state.json").read_text())
+    project = int(state["project"])
+    with (run / "truth.csv").open(newline="") as handle:
+        truth = {int(r["wafer_id"]): r["failure_type"] for r in csv.DictReader(handle)}
+    device = pick_device("cpu")
+    models = ModelStore.for_project(run / "models", project, device)
+    store = WaferStore.for_project(run / "models", project)
+    sets: list[dict[str, Any]] = []
+    for routing in store.routings():
+        if routing.cut is None:
+            continue
+        classifier = load_version(models.path_of(routing.model_version), device)
+        card = classifier.card
+        if card.validation is None:
+            continue
+        measure = Measure(card.validation.measure)
+        stored = store.read_set(routing.set_number, card.failure_types)
+        codes = encode_wafers(stored.maps, card.image_size)
+        views = views_for(measure)
+        label = f"set {routing.set_number}: {routing.model_version}"
+        probs = (
+            classifier.predict_views(codes, views, progress=label)
+            if views > 1
+            else classifier.predict_proba(codes, progress=label)
+        )
+        scores = uncertainty(probs, measure)
+        guess = np.asarray(card.failure_types)[
+            (probs.mean(axis=0) if views > 1 else probs).argmax(1)
+        ]
+        right = guess == np.asarray([truth[int(w)] for w in stored.maps.source_row])
+        val_scores = np.asarray(card.validation.scores, dtype=np.float64)
+        val_right = np.asarray(card.validation.correct, dtype=np.bool_)
+        row: dict[str, Any] = {
+            "set": routing.set_number,
+            "model_version": routing.model_version,
+            "wafers": len(stored),
+            "held_out_wafers": int(val_scores.size),
+            "model_accuracy": float(right.mean()),
+            "served_engineer": routing.engineer - len(routing.audit),
+            "rules": {},
+        }
+        cuts = {
+            "promise": promise_cut(val_scores, val_right, scores, target, confidence).threshold,
+            "promise-union": promise_cut(
+                val_scores, val_right, scores, target, confidence, "union"
+            ).threshold,
+            "expected": calibrate_scores(val_scores, val_right, target, 0.9, scores).threshold,
+        }
+        for name, cut in cuts.items():
+            auto = scores <= cut
+            wrong = int((auto & ~right).sum())
+            row["rules"][name] = {
+                "engineer": int((~auto).sum()),
+                "engineer_share": float((~auto).mean()),
+                "wrong_auto": wrong,
+                "accuracy": 1.0 - wrong / len(stored),
+                "met": 1.0 - wrong / len(stored) >= target,
+            }
+        log(f"{label}: " + ", ".join(f"{n} {r['engineer']:,}" for n, r in row["rules"].items()))
+        sets.append(row)
+    results = {"target_accuracy": target, "confidence": confidence, "sets": sets}
+    atomic_write_text(run / "promise-replay.json", json.dumps(json_safe(results), indent=2))
+    atomic_write_text(run / "promise-replay.md", replay_markdown(results))
+    return results
+
+
+def replay_markdown(results: dict[str, Any]) -> str:
+    names = ("promise", "promise-union", "expected")
+    lines = [
+        f"Each set routed again by each rule at {100 * results['target_accuracy']:g}% "
+        f"(promise at {100 * results['confidence']:g}%), with the model that opened it; "
+        "engineer labels without the audit wafers.",
+        "",
+        "| set | wafers | model accuracy | served: engineer | "
+        + " | ".join(f"{n}: engineer (share), wrong auto, accuracy" for n in names)
+        + " |",
+        "|---:|---:|---:|---:|" + "---|" * len(names),
+    ]
+    for s in results["sets"]:
+        cells = [
+            f"{r['engineer']:,} ({100 * r['engineer_share']:.2f}%), {r['wrong_auto']}, "
+            f"{100 * r['accuracy']:.2f}%{'' if r['met'] else ' (missed)'}"
+            for r in (s["rules"][n] for n in names)
+        ]
+        lines.append(
+            f"| {s['set']} | {s['wafers']:,} | {100 * s['model_accuracy']:.2f}% | "
+            f"{s['served_engineer']:,} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
