@@ -364,11 +364,12 @@ def run_demo(
             while True:
                 time.sleep(3600)
         truth = read_truth(truth_path)
-        say(
-            "opening set 1 with the first model ..."
-            if config.first_model_wafers
-            else "training the first model on the initial set and opening set 1 ..."
-        )
+        if state is None:
+            say(
+                "opening set 1 with the first model ..."
+                if config.first_model_wafers
+                else "training the first model on the initial set and opening set 1 ..."
+            )
         wait_until_idle(redis, wiring.project, config.set_timeout_s)
         opened = open_step_seconds(redis, wiring.project)  # rq keeps results for minutes only
         with (
