@@ -400,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     issues.add_argument("--image-size", type=int, default=48)
     issues.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     issues.add_argument("--seed", type=int, default=0)
+    issues.add_argument(
+        "--from-study",
+        type=Path,
+        help="no folds: the out-of-sample probabilities of this study run's initial model on its "
+        "later wafers (kept by promise-check --pool or routing-study); seconds instead of hours",
+    )
+    issues.add_argument(
+        "--auto-errors",
+        type=Path,
+        help="a demo run's report.json: count its wrong auto labels among the suspect labels",
+    )
     promise = sub.add_parser(
         "promise-check",
         help="how often drawn sets miss the target: the per-set promise against the expected "
@@ -643,23 +654,46 @@ def _bench(args: argparse.Namespace, settings: Settings, labels: LabelConfig) ->
     return 0
 
 
-def _study_run(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> Any:
-    """The study run in args.out (a `backend.study.simulate.Study`), or None when there is none."""
+def _study_run(
+    args: argparse.Namespace, settings: Settings, labels: LabelConfig, where: Path | None = None
+) -> Any:
+    """The study run in `where` (default args.out; a `backend.study.simulate.Study`), or None
+    when there is none."""
     from backend.study.simulate import Study, StudyConfig
 
-    config_file = args.out / "config.json"
+    where = args.out if where is None else where
+    config_file = where / "config.json"
     if not config_file.is_file():
-        print(f"{args.out}: no study run here (no config.json)", file=sys.stderr)
+        print(f"{where}: no study run here (no config.json)", file=sys.stderr)
         return None
     saved = json.loads(config_file.read_text())
     config = StudyConfig(**(saved | {"loops": tuple(saved["loops"])}))
     wafers, _ = _load(settings, labels)
-    return Study(config, wafers, labels, args.out, log=lambda s: print(s, file=sys.stderr))
+    return Study(config, wafers, labels, where, log=lambda s: print(s, file=sys.stderr))
 
 
 def _label_issues(args: argparse.Namespace, settings: Settings, labels: LabelConfig) -> int:
-    from backend.study.label_issues import LabelIssueConfig, run_label_issues
+    from backend.study.label_issues import (
+        LabelIssueConfig,
+        run_label_issues,
+        run_label_issues_on_study,
+    )
 
+    auto_errors = None
+    if args.auto_errors is not None:
+        report = json.loads(args.auto_errors.read_text())
+        auto_errors = {
+            f"set {s['set']}": [int(w) for w in s["wrong_auto_wafers"]]
+            for s in report["sets"]
+            if "wrong_auto_wafers" in s
+        }
+    if args.from_study is not None:
+        study = _study_run(args, settings, labels, args.from_study)
+        if study is None:
+            return 2
+        run_label_issues_on_study(study, labels, args.out, auto_errors)
+        print((args.out / "results.md").read_text())
+        return 0
     wafers, _ = _load(settings, labels)
     config = LabelIssueConfig(
         subsample=args.subsample,
@@ -670,7 +704,10 @@ def _label_issues(args: argparse.Namespace, settings: Settings, labels: LabelCon
         seed=args.seed,
         device=args.device,
     )
-    run_label_issues(wafers, labels, config, args.out, log=lambda s: print(s, file=sys.stderr))
+    run_label_issues(
+        wafers, labels, config, args.out, log=lambda s: print(s, file=sys.stderr),
+        auto_errors=auto_errors,
+    )  # fmt: skip
     print((args.out / "results.md").read_text())
     return 0
 

@@ -11,7 +11,12 @@ import pytest
 
 from backend.label_config import LabelConfig
 from backend.sources.cache import LoadReport
-from backend.study.label_issues import LabelIssueConfig, ranked_issues, run_label_issues
+from backend.study.label_issues import (
+    LabelIssueConfig,
+    ranked_issues,
+    report_label_issues,
+    run_label_issues,
+)
 from backend.wafers import WaferMaps
 
 
@@ -75,3 +80,32 @@ def test_the_command_says_what_it_needs(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["label-issues"])  # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_demo_runs_wrong_auto_labels_are_counted_among_the_suspects(
+    real_wafers: tuple[WaferMaps, LoadReport], label_config: LabelConfig, tmp_path: Path
+) -> None:
+    wafers = real_wafers[0]
+    sample = wafers.subset(np.flatnonzero(wafers.labels >= 0)[:300])
+    given = sample.labels.astype(np.int64)
+    names = label_config.failure_types
+    probs = np.full((300, len(names)), 0.01)
+    probs[np.arange(300), given] = 1.0 - 0.01 * (len(names) - 1)
+    flipped = np.array([3, 50, 120])  # the model is sure of another type than the given one
+    probs[flipped] = 0.01
+    probs[flipped, (given[flipped] + 1) % len(names)] = 1.0 - 0.01 * (len(names) - 1)
+    ids = sample.source_row
+    outside = int(wafers.source_row.max()) + 1  # a wafer without probabilities here
+    errors = {"set 1": [int(ids[3]), int(ids[50]), int(ids[7])], "set 2": [outside]}
+    summary = report_label_issues(
+        sample, given, probs, names, tmp_path, 6, {"probabilities": "made up"}, errors
+    )
+    suspects = set(ranked_issues(given, probs).tolist())
+    assert {3, 50} <= suspects and 7 not in suspects
+    assert summary["auto_errors"] == {
+        "set 1": {"wrong_auto": 3, "covered": 3, "suspect": 2},
+        "set 2": {"wrong_auto": 1, "covered": 0, "suspect": 0},
+        "all": {"wrong_auto": 4, "covered": 3, "suspect": 2},
+    }
+    assert (tmp_path / "sheets" / "auto-errors.png").stat().st_size > 1000
+    assert "| all | 4 | 3 | 2 |" in (tmp_path / "results.md").read_text()

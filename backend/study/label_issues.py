@@ -39,6 +39,7 @@ from backend.files import atomic_write_bytes, atomic_write_text
 from backend.label_config import LabelConfig
 from backend.model_card import ModelCard
 from backend.splits import stratified_sample
+from backend.study.simulate import Study
 from backend.training import TrainConfig, logit_adjustment, train_network
 from backend.wafer_sets import WM811K_SOURCE
 from backend.wafers import WaferMaps
@@ -222,6 +223,7 @@ def run_label_issues(
     config: LabelIssueConfig,
     out: Path,
     log: Callable[[str], None] = print,
+    auto_errors: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """The whole run (see the module docstring); returns the summary it writes."""
     labelled = np.flatnonzero(wafers.labels >= 0)
@@ -237,17 +239,34 @@ def run_label_issues(
     probs = out_of_sample_probabilities(
         codes, classes, labels.failure_types, config, out / "folds", log
     )
+    return report_label_issues(
+        sample, classes, probs, labels.failure_types, out, config.per_sheet,
+        {"config": dataclasses.asdict(config)}, auto_errors,
+    )  # fmt: skip
+
+
+def report_label_issues(
+    sample: WaferMaps,
+    classes: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.float64],
+    names: tuple[str, ...],
+    out: Path,
+    per_sheet: int,
+    about: dict[str, Any],
+    auto_errors: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """Confident learning on out-of-sample `probs` of `sample`'s given `classes`: the CSV, the
+    contact sheets, summary.json and results.md in `out`. With `auto_errors` (a demo run's
+    wrong auto labels by wafer id, per set), how many of them are suspect labels, and a sheet of
+    them (`sheets/auto-errors.png`)."""
     issues = ranked_issues(classes, probs)
-    write_issue_table(out / "label_issues.csv", sample, issues, probs, labels.failure_types)
-    sheets = contact_sheets(
-        out / "sheets", sample, issues, probs, labels.failure_types, config.per_sheet
-    )
-    names = labels.failure_types
+    write_issue_table(out / "label_issues.csv", sample, issues, probs, names)
+    sheets = contact_sheets(out / "sheets", sample, issues, probs, names, per_sheet)
     per_given = Counter(names[int(classes[i])] for i in issues)
     pairs = Counter(f"{names[int(classes[i])]} -> {names[int(probs[i].argmax())]}" for i in issues)
     accuracy = float((probs.argmax(axis=1) == classes).mean())
     summary: dict[str, Any] = {
-        "config": dataclasses.asdict(config),
+        **about,
         "wafers": len(sample),
         "out_of_sample_accuracy": accuracy,
         "issues": len(issues),
@@ -257,9 +276,113 @@ def run_label_issues(
         "pairs": dict(pairs.most_common()),
         "sheets": [str(p.relative_to(out)) for p in sheets],
     }
+    if auto_errors is not None:
+        summary["auto_errors"] = auto_error_counts(sample, issues, auto_errors)
+        wrong = np.flatnonzero(np.isin(sample.source_row, sorted(_ids(auto_errors))))
+        suspect = set(issues.tolist())
+        order = sorted(wrong.tolist(), key=lambda i: (i not in suspect, -probs[i].max()))
+        sheet = error_sheet(
+            out / "sheets" / "auto-errors.png", sample, order, suspect, probs, names
+        )
+        summary["sheets"].append(str(sheet.relative_to(out)))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "results.md", results_markdown(summary))
     return summary
+
+
+def _ids(auto_errors: dict[str, list[int]]) -> set[int]:
+    return {int(w) for ids in auto_errors.values() for w in ids}
+
+
+def auto_error_counts(
+    sample: WaferMaps, issues: npt.NDArray[np.intp], auto_errors: dict[str, list[int]]
+) -> dict[str, Any]:
+    """Per set and in all: the wrong auto labels, those with out-of-sample probabilities here
+    (`covered`), and those among the suspect labels."""
+    suspect = {int(sample.source_row[i]) for i in issues.tolist()}
+    covered = {int(w) for w in sample.source_row.tolist()}
+    counts: dict[str, Any] = {}
+    for name, ids in [*auto_errors.items(), ("all", sorted(_ids(auto_errors)))]:
+        wanted = {int(w) for w in ids}
+        counts[name] = {
+            "wrong_auto": len(wanted),
+            "covered": len(wanted & covered),
+            "suspect": len(wanted & suspect),
+        }
+    return counts
+
+
+def error_sheet(
+    path: Path,
+    sample: WaferMaps,
+    order: list[int],
+    suspect: set[int],
+    probs: npt.NDArray[np.float64],
+    names: tuple[str, ...],
+) -> Path:
+    """One contact sheet of the given wafers: given label, the out-of-sample model's type and
+    probability, and "suspect" where confident learning names the given label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colours = ListedColormap(["#ffffff", "#9ecae1", "#d62728"])
+    cols = 10
+    rows = max(1, -(-len(order) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), order, strict=False):
+        guess = int(probs[i].argmax())
+        ax.imshow(sample.die_map(i), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(
+            f"#{int(sample.source_row[i])}{' suspect' if i in suspect else ''}\n"
+            f"{names[int(sample.labels[i])]} / {names[guess]} {probs[i, guess]:.2f}",
+            fontsize=7,
+        )
+    fig.suptitle("Wrong auto labels: given label / the out-of-sample model's type", fontsize=9)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def run_label_issues_on_study(
+    study: Study,
+    labels: LabelConfig,
+    out: Path,
+    auto_errors: dict[str, list[int]] | None = None,
+    per_sheet: int = 48,
+) -> dict[str, Any]:
+    """Confident learning with one out-of-sample model instead of folds: the study's initial
+    model on every later wafer (it never saw their labels), as `promise-check --pool` or
+    `routing-study` kept it (DIR/routing-study/evidence-reject-option-*.npz). Covers the
+    wafers after the initial set (90% of them at the study's 10% start), in seconds."""
+    found = sorted((study.out / "routing-study").glob("evidence-reject-option-*.npz"))
+    if not found:
+        raise ValueError(
+            f"{study.out}: no kept predictions of the initial model on the later wafers; run "
+            "`promise-check --pool` or `routing-study` on it first"
+        )
+    with np.load(found[0]) as data:
+        logits = data["logits"][0].astype(np.float64)
+        true = data["true"].astype(np.int64)
+    members = study.split.rest()
+    sample = study.wafers.subset(members)
+    if not np.array_equal(sample.labels.astype(np.int64), true):
+        raise ValueError(f"{found[0]} does not match the study's later wafers")
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    about = {"probabilities": f"the initial model of {study.out} on its later wafers"}
+    return report_label_issues(
+        sample, true, probs, labels.failure_types, out, per_sheet, about, auto_errors
+    )
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
@@ -279,4 +402,12 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| given -> suggested | wafers |", "|---|---:|"]
     for pair, count in list(summary["pairs"].items())[:15]:
         lines.append(f"| {pair} | {count:,} |")
+    if "auto_errors" in summary:
+        lines += [
+            "",
+            "| wrong auto labels of | wrong | with out-of-sample probabilities | suspect labels |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, c in summary["auto_errors"].items():
+            lines.append(f"| {name} | {c['wrong_auto']:,} | {c['covered']:,} | {c['suspect']:,} |")
     return "\n".join(lines) + "\n"
