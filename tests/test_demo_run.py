@@ -76,7 +76,8 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
         wrong = s["wrong_auto_wafers"]
         assert len(wrong) == round(s["auto_labels"] * (1 - (s["auto_label_accuracy"] or 1)))
         assert all(isinstance(w, int) and w >= 0 for w in wrong)
-    assert report["sets"][0]["opening_seconds"] > 0
+    # set 2 was opened before the stop: its opening is reported all the same
+    assert all(s["opening_seconds"] > 0 for s in report["sets"]), report["sets"]
     assert report["wafers"] == 300
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
     table = (out / "results.md").read_text()

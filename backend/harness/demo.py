@@ -245,6 +245,26 @@ def open_step_seconds(redis: Redis, project: int) -> dict[int, float]:
     return seconds
 
 
+OPENINGS_FILE = "opening-seconds.json"
+
+
+def seen_openings(out: Path) -> dict[int, float]:
+    """The open-step seconds per set a run in `out` has seen so far (none when new)."""
+    path = out / OPENINGS_FILE
+    if not path.exists():
+        return {}
+    return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def more_openings(seen: dict[int, float], now: dict[int, float]) -> dict[int, float]:
+    """Both, per set the larger (rq may have dropped some of a set's open steps since)."""
+    return {k: max(seen.get(k, 0.0), now.get(k, 0.0)) for k in seen.keys() | now.keys()}
+
+
+def keep_openings(out: Path, opened: dict[int, float]) -> None:
+    atomic_write_text(out / OPENINGS_FILE, json.dumps({str(k): v for k, v in opened.items()}))
+
+
 def _clear_loop_state(redis: Redis) -> None:
     """Forget the loop keys and queued jobs of an earlier demo (its projects are gone)."""
     from rq import Queue
@@ -371,7 +391,10 @@ def run_demo(
                 else "training the first model on the initial set and opening set 1 ..."
             )
         wait_until_idle(redis, wiring.project, config.set_timeout_s)
-        opened = open_step_seconds(redis, wiring.project)  # rq keeps results for minutes only
+        # rq keeps results for minutes only: what was seen is kept beside the run (a resumed run
+        # still reports the opening of the set that was open when it stopped)
+        opened = more_openings(seen_openings(out), open_step_seconds(redis, wiring.project))
+        keep_openings(out, opened)
         with (
             LabelStudioClient.connect(ls.url, engineer.token) as person,
             LabelStudioClient.connect(ls.url, auto.token) as backend_account,
@@ -383,7 +406,8 @@ def run_demo(
                 )
                 engineer_seconds = time.monotonic() - start
                 next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
-                opened = open_step_seconds(redis, wiring.project) | opened
+                opened = more_openings(opened, open_step_seconds(redis, wiring.project))
+                keep_openings(out, opened)
                 outcome = set_outcome(
                     backend_account, wiring.project, number, truth, labels, auto_user
                 )
