@@ -333,7 +333,8 @@ class PromiseCut:
     """A cut that keeps a set's labeling accuracy at or above ``target_accuracy`` with
     probability at least ``confidence``: wafers with score > ``threshold`` go to engineers
     (``-inf``: all of them). ``error_rate_bound`` is the Clopper-Pearson upper bound on the
-    auto-label error rate at the cut (for information; the exact method does not use it), ``allowed_errors`` how many wrong labels the set may hold."""
+    auto-label error rate at the cut (for information; the exact method does not use it),
+    ``allowed_errors`` how many wrong labels the set may hold."""
 
     threshold: float
     target_accuracy: float

@@ -80,13 +80,9 @@ def label_uncertain(
         wafer = int((task.get("data") or {})["wafer_id"])
         client.accept_prediction(task["id"], project, choice_result(labels, truth[wafer]), None)
 
-    if engineers == 1:
-        for task in waiting:
-            label(task)
-    else:
-        with ThreadPoolExecutor(engineers, thread_name_prefix="engineer") as team:
-            for _ in team.map(label, waiting):
-                pass
+    with ThreadPoolExecutor(engineers, thread_name_prefix="engineer") as team:
+        for _ in team.map(label, waiting):  # re-raises the first failed label
+            pass
     return len(waiting)
 
 

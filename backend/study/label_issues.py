@@ -170,6 +170,41 @@ def write_issue_table(
     atomic_write_text(path, text.getvalue())
 
 
+def draw_sheet(
+    path: Path,
+    wafers: WaferMaps,
+    shown: list[int],
+    titles: list[str],
+    heading: str,
+    cols: int,
+    cell_height: float = 1.8,
+) -> Path:
+    """One contact sheet PNG (written atomically): the die maps of `shown` (indices into
+    `wafers`) in a grid of `cols` columns, each with its title, under `heading`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colours = ListedColormap(["#ffffff", "#9ecae1", "#d62728"])  # off wafer, good, failing
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * cell_height), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i, title in zip(axes.ravel(), shown, titles, strict=False):
+        ax.imshow(wafers.die_map(i), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(heading, fontsize=9)
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def contact_sheets(
     folder: Path,
     wafers: WaferMaps,
@@ -180,40 +215,22 @@ def contact_sheets(
 ) -> list[Path]:
     """One PNG per given failure type: its most likely mislabels, each titled with the
     suggested type and its probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    colours = ListedColormap(["#ffffff", "#9ecae1", "#d62728"])  # off wafer, good, failing
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for given, name in enumerate(failure_types):
         mine = [i for i in issues.tolist() if int(wafers.labels[i]) == given][:per_sheet]
         if not mine:
             continue
-        cols = min(8, len(mine))
-        rows = -(-len(mine) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, i in zip(axes.ravel(), mine, strict=False):
+        titles = []
+        for i in mine:
             suggested = int(probs[i].argmax())
-            ax.imshow(wafers.die_map(i), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
-            ax.set_title(
+            titles.append(
                 f"#{int(wafers.source_row[i])}\n{failure_types[suggested]} "
-                f"{probs[i, suggested]:.2f}",
-                fontsize=7,
+                f"{probs[i, suggested]:.2f}"
             )
-        fig.suptitle(f"Labelled {name}; the model suggests (probability)", fontsize=9)
-        fig.tight_layout()
-        buffer = BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
-        plt.close(fig)
-        path = folder / f"{name}.png"
-        atomic_write_bytes(path, buffer.getvalue())
-        written.append(path)
+        heading = f"Labelled {name}; the model suggests (probability)"
+        cols = min(8, len(mine))
+        written.append(draw_sheet(folder / f"{name}.png", wafers, mine, titles, heading, cols))
     return written
 
 
@@ -322,34 +339,15 @@ def error_sheet(
 ) -> Path:
     """One contact sheet of the given wafers: given label, the out-of-sample model's type and
     probability, and "suspect" where confident learning names the given label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    colours = ListedColormap(["#ffffff", "#9ecae1", "#d62728"])
-    cols = 10
-    rows = max(1, -(-len(order) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), order, strict=False):
+    titles = []
+    for i in order:
         guess = int(probs[i].argmax())
-        ax.imshow(sample.die_map(i), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
-        ax.set_title(
+        titles.append(
             f"#{int(sample.source_row[i])}{' suspect' if i in suspect else ''}\n"
-            f"{names[int(sample.labels[i])]} / {names[guess]} {probs[i, guess]:.2f}",
-            fontsize=7,
+            f"{names[int(sample.labels[i])]} / {names[guess]} {probs[i, guess]:.2f}"
         )
-    fig.suptitle("Wrong auto labels: given label / the out-of-sample model's type", fontsize=9)
-    fig.tight_layout()
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    heading = "Wrong auto labels: given label / the out-of-sample model's type"
+    return draw_sheet(path, sample, order, titles, heading, cols=10, cell_height=1.9)
 
 
 def run_label_issues_on_study(

@@ -131,6 +131,24 @@ def check_promise_pooled(
     return _route_draws(draws, target, confidence)
 
 
+def rule_cuts(
+    val_scores: npt.NDArray[np.float64],
+    val_right: npt.NDArray[np.bool_],
+    scores: npt.NDArray[np.float64],
+    target: float,
+    confidence: float,
+) -> dict[str, float]:
+    """Each compared rule's threshold for a set with `scores` (auto when score <= threshold),
+    calibrated on the held-out wafers' scores and rightness."""
+    return {
+        "expected": calibrate_scores(val_scores, val_right, target, 0.9, scores).threshold,
+        "promise": promise_cut(val_scores, val_right, scores, target, confidence).threshold,
+        "promise-union": promise_cut(
+            val_scores, val_right, scores, target, confidence, "union"
+        ).threshold,
+    }
+
+
 def _route_draws(draws: Sequence[Draw], target: float, confidence: float) -> dict[str, RuleFigures]:
     outcomes: dict[str, list[tuple[bool, float, float]]] = {
         "expected": [],
@@ -139,12 +157,7 @@ def _route_draws(draws: Sequence[Draw], target: float, confidence: float) -> dic
     }
     for s, ok, vs, vok in draws:
         n = len(s)
-        cuts = {
-            "expected": calibrate_scores(vs, vok, target, 0.9, s).threshold,
-            "promise": promise_cut(vs, vok, s, target, confidence).threshold,
-            "promise-union": promise_cut(vs, vok, s, target, confidence, "union").threshold,
-        }
-        for name, cut in cuts.items():
+        for name, cut in rule_cuts(vs, vok, s, target, confidence).items():
             auto = s <= cut
             accuracy = 1.0 - float((auto & ~ok).sum()) / n
             outcomes[name].append((accuracy < target, 1.0 - float(auto.mean()), accuracy))
@@ -285,14 +298,7 @@ def replay_demo(
             "served_engineer": routing.engineer - len(routing.audit),
             "rules": {},
         }
-        cuts = {
-            "promise": promise_cut(val_scores, val_right, scores, target, confidence).threshold,
-            "promise-union": promise_cut(
-                val_scores, val_right, scores, target, confidence, "union"
-            ).threshold,
-            "expected": calibrate_scores(val_scores, val_right, target, 0.9, scores).threshold,
-        }
-        for name, cut in cuts.items():
+        for name, cut in rule_cuts(val_scores, val_right, scores, target, confidence).items():
             auto = scores <= cut
             wrong = int((auto & ~right).sum())
             row["rules"][name] = {
