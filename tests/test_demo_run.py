@@ -87,6 +87,7 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
     replayed = subprocess.run(replay, cwd=ROOT, env=env, capture_output=True, text=True)
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     results = json.loads((out / "promise-replay.json").read_text())
+    assert [s["set"] for s in results["sets"]] == [1, 2]
     for s in results["sets"]:
         assert s["wafers"] == 150 and 0 <= s["model_accuracy"] <= 1
         served, exact = s["served_engineer"], s["rules"]["promise"]["engineer"]

@@ -266,7 +266,7 @@ def replay_demo(
     store = WaferStore.for_project(run / "models", project)
     sets: list[dict[str, Any]] = []
     for routing in store.routings():
-        if routing.cut is None:
+        if not routing.decided:
             continue
         classifier = load_version(models.path_of(routing.model_version), device)
         card = classifier.card
