@@ -320,6 +320,18 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     outcome = set_outcome(backend_client, loop.project, 1, loop.truth, label_config, auto_user)
     assert outcome.waiting == 0 and outcome.engineer == labelled
     assert outcome.auto + outcome.engineer == len(loop.plan.members(1))
+    # the wrong auto labels by wafer id: exactly the wafers labelled only by the backend with
+    # a type other than the true one
+    wrong = set()
+    for task in backend_client.tasks_of_set(loop.project, 1):
+        annotations = task["annotations"]
+        if annotations and all(a["completed_by"] == auto_user for a in annotations):
+            choice = annotations[0]["result"][0]["value"]["choices"][0]
+            wafer = int(task["data"]["wafer_id"])
+            if choice != loop.truth[wafer]:
+                wrong.add(wafer)
+    assert outcome.wrong_auto_wafers == tuple(sorted(wrong))
+    assert len(outcome.wrong_auto_wafers) == outcome.auto_errors
 
     # The retraining recorded set 1's audit: the engineers' labels of the audit wafers against
     # the model's labels, which the test knows from the truth.
