@@ -25,6 +25,7 @@ from backend.classifier import WaferClassifier, build_network
 from backend.encoding import encode_wafers
 from backend.images import ImageError, picture_reader
 from backend.job_resources import JobResources
+from backend.label_reads import read_labelled_tasks
 from backend.loop_state import (
     kept_annotations,
     label_of,
@@ -227,7 +228,15 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     current = resources.store.load_current()
     size = current.card.image_size if current is not None else s.image_size
     report_stage("listing labelled wafers")
-    tasks = [t for t in resources.client.labelled_tasks(project) if kept_annotations(t)]
+    read = read_labelled_tasks(
+        resources.client,
+        resources.wafers,
+        s.model_dir,
+        project,
+        set_number,
+        resources.labels.image_value,
+    )
+    tasks = [t for t in read.tasks if kept_annotations(t)]
     audits = record_audits(
         resources.wafers, tasks, resources.labels, resources.auto_user, s.target_accuracy
     )
@@ -382,6 +391,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
         "model_version": version,
         "wafers": len(codes),
         "skipped": skipped,
+        "label_read": read.summary(),
         "validation_accuracy": metrics.get("validation_accuracy"),
         "audits": [a.summary() for a in audits if a.set_number == set_number],
         "rule": serving_rule(s, model.card).describe(),

@@ -34,6 +34,8 @@ def test_results_table_totals() -> None:
             0.93,
             retrain_seconds=61.4,
             opening_seconds=12.3,
+            retraining_job_seconds=140.2,
+            label_read_seconds=55.6,
         ),
     ]
     table = results_table(rows)
@@ -43,14 +45,16 @@ def test_results_table_totals() -> None:
     assert (
         "| 2 | 100 | 30 (30.0%) | 10 | 100.00% (69.15%-100.00%) | 70 | 0 | 100.00% | met" in table
     )
-    assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | | | | |" in table
-    assert "| 90.00% | 61 s | 12 s |" in table
+    assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | | | | | |" in table
+    assert "| 90.00% | 61 s | 140 s (56 s) | 12 s |" in table
+    assert "| 30.0 s | - | - | - | - |" in table
     figures = report(rows)
     assert figures["sets_below_target"] == 1 and figures["engineer_share"] == 0.45
     two = figures["sets"][1]
     assert (two["audit_wafers"], two["audited_accuracy"], two["cut"]) == (10, 1.0, 0.93)
     assert (two["model_accuracy"], two["retrain_seconds"]) == (0.9, 61.4)
     assert (two["opening_seconds"], figures["sets"][0]["opening_seconds"]) == (12.3, None)
+    assert (two["retraining_job_seconds"], two["label_read_seconds"]) == (140.2, 55.6)
     assert two["audited_interval"][0] == pytest.approx(0.025 ** (1 / 10))
     assert figures["sets"][0]["audited_interval"] is None
 
@@ -85,3 +89,28 @@ def test_the_demo_plan_is_a_history_plus_sets_of_the_asked_size() -> None:
     assert len(np.unique(everything)) == len(everything)  # no wafer in two sets
     with pytest.raises(ValueError, match="need 6,000"):
         demo_plan(wafers, dataclasses.replace(config, set_size=2000))
+
+
+def test_job_figures_are_kept_across_a_resume_the_larger_per_set(tmp_path: Path) -> None:
+    from backend.harness.demo import (
+        JOB_FIGURES,
+        OPENINGS_FILE,
+        keep_job_seconds,
+        more_job_seconds,
+        seen_job_seconds,
+    )
+
+    assert seen_job_seconds(tmp_path) == {name: {} for name in JOB_FIGURES}
+    # A run from before the retraining figures were kept: its opening seconds still count.
+    (tmp_path / OPENINGS_FILE).write_text('{"1": 80.5}')
+    older = seen_job_seconds(tmp_path)
+    assert older == {"opening": {1: 80.5}, "retraining": {}, "label_read": {}}
+    now = {"opening": {1: 20.0, 2: 90.0}, "retraining": {1: 140.0}, "label_read": {1: 50.0}}
+    merged = more_job_seconds(older, now)
+    assert merged == {
+        "opening": {1: 80.5, 2: 90.0},
+        "retraining": {1: 140.0},
+        "label_read": {1: 50.0},
+    }
+    keep_job_seconds(tmp_path, merged)
+    assert seen_job_seconds(tmp_path) == merged  # the new file wins over the old one

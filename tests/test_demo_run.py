@@ -78,6 +78,9 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
         assert all(isinstance(w, int) and w >= 0 for w in wrong)
     # set 2 was opened before the stop: its opening is reported all the same
     assert all(s["opening_seconds"] > 0 for s in report["sets"]), report["sets"]
+    # every set is learnt by a retraining job, whose whole time holds its read of the labels
+    for s in report["sets"]:
+        assert 0 < s["label_read_seconds"] < s["retraining_job_seconds"], s
     assert report["wafers"] == 300
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
     table = (out / "results.md").read_text()

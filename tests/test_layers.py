@@ -53,6 +53,7 @@ LAYERS = {
         "labelstudio",
         "loop_keys",
         "wafer_store",
+        "label_snapshot",
         "monitoring",
     },
     2: {
@@ -67,6 +68,7 @@ LAYERS = {
         "events",
         "projects",
         "set_audits",
+        "label_reads",
     },
     3: {
         "cli",

@@ -120,6 +120,11 @@ class SetRow:
     #: The open step of this set: predict every wafer, store the predictions, accept the
     #: confident ones (seconds the worker reported; None when rq no longer kept its result).
     opening_seconds: float | None = None
+    #: The whole retraining job that learnt this set (read the labels, train, calibrate,
+    #: publish) and its read of the labelled wafers (`backend.label_reads`), as the worker
+    #: reported them (None when rq no longer kept the result).
+    retraining_job_seconds: float | None = None
+    label_read_seconds: float | None = None
 
     @property
     def promise_met(self) -> bool:
@@ -222,47 +227,80 @@ def publish_first_model(
     )
 
 
-def open_step_seconds(redis: Redis, project: int) -> dict[int, float]:
-    """Seconds of each set's open step(s) in the results rq still keeps of the project's
-    finished jobs (an advance's steps, or a retraining's follow-up advance)."""
+#: Per-set figures read from the results of finished jobs (`finished_job_seconds`).
+JOB_FIGURES = ("opening", "retraining", "label_read")
+
+
+def finished_job_seconds(redis: Redis, project: int) -> dict[str, dict[int, float]]:
+    """Per set, from the results rq still keeps of the project's finished jobs: `opening`, the
+    seconds of its open step(s) (an advance's, or a retraining's follow-up advance); and for
+    the retraining that learnt the set, `retraining` (the whole job) and `label_read` (its
+    read of the labelled wafers)."""
     from rq import Queue
     from rq.registry import FinishedJobRegistry
 
-    seconds: dict[int, float] = {}
+    found: dict[str, dict[int, float]] = {name: {} for name in JOB_FIGURES}
     for name in QUEUES:
         queue = Queue(name, connection=redis)
         ids = FinishedJobRegistry(queue=queue).get_job_ids()
         for job in queue.job_class.fetch_many(ids, connection=redis):
             result = job.return_value() if job is not None else None
-            advances = [result, result.get("next")] if isinstance(result, dict) else []
-            for outcome in advances:
+            if not isinstance(result, dict):
+                continue
+            if result.get("action") == "retrain" and job is not None and job.args[:1] == (project,):
+                number = int(result["set"])
+                if result.get("seconds") is not None:
+                    found["retraining"][number] = float(result["seconds"])
+                read = result.get("label_read")
+                if isinstance(read, dict) and read.get("seconds") is not None:
+                    found["label_read"][number] = float(read["seconds"])
+            for outcome in (result, result.get("next")):
                 if not isinstance(outcome, dict) or outcome.get("project") != project:
                     continue
                 for step in outcome.get("steps") or []:
                     if step.get("action") == "open" and step.get("seconds") is not None:
                         number = int(step["set"])
-                        seconds[number] = seconds.get(number, 0.0) + float(step["seconds"])
-    return seconds
+                        opened = found["opening"]
+                        opened[number] = opened.get(number, 0.0) + float(step["seconds"])
+    return found
 
 
+#: Where a run keeps the figures it has seen (rq forgets finished jobs after a while).
+JOB_SECONDS_FILE = "job-seconds.json"
+#: The same, written by runs before the retraining figures were kept (opening seconds only).
 OPENINGS_FILE = "opening-seconds.json"
 
 
-def seen_openings(out: Path) -> dict[int, float]:
-    """The open-step seconds per set a run in `out` has seen so far (none when new)."""
-    path = out / OPENINGS_FILE
-    if not path.exists():
-        return {}
-    return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+def seen_job_seconds(out: Path) -> dict[str, dict[int, float]]:
+    """The per-set job figures a run in `out` has seen so far (none when new)."""
+    path, older = out / JOB_SECONDS_FILE, out / OPENINGS_FILE
+    if path.exists():
+        kept = json.loads(path.read_text())
+    elif older.exists():
+        kept = {"opening": json.loads(older.read_text())}
+    else:
+        kept = {}
+    return {name: {int(k): float(v) for k, v in kept.get(name, {}).items()} for name in JOB_FIGURES}
 
 
-def more_openings(seen: dict[int, float], now: dict[int, float]) -> dict[int, float]:
-    """Both, per set the larger (rq may have dropped some of a set's open steps since)."""
-    return {k: max(seen.get(k, 0.0), now.get(k, 0.0)) for k in seen.keys() | now.keys()}
+def more_job_seconds(
+    seen: dict[str, dict[int, float]], now: dict[str, dict[int, float]]
+) -> dict[str, dict[int, float]]:
+    """Both, per figure and set the larger (rq may have dropped some of a set's jobs since)."""
+    return {
+        name: {
+            k: max(seen[name].get(k, 0.0), now[name].get(k, 0.0))
+            for k in seen[name].keys() | now[name].keys()
+        }
+        for name in JOB_FIGURES
+    }
 
 
-def keep_openings(out: Path, opened: dict[int, float]) -> None:
-    atomic_write_text(out / OPENINGS_FILE, json.dumps({str(k): v for k, v in opened.items()}))
+def keep_job_seconds(out: Path, figures: dict[str, dict[int, float]]) -> None:
+    atomic_write_text(
+        out / JOB_SECONDS_FILE,
+        json.dumps({name: {str(k): v for k, v in f.items()} for name, f in figures.items()}),
+    )
 
 
 def _clear_loop_state(redis: Redis) -> None:
@@ -393,8 +431,8 @@ def run_demo(
         wait_until_idle(redis, wiring.project, config.set_timeout_s)
         # rq keeps results for minutes only: what was seen is kept beside the run (a resumed run
         # still reports the opening of the set that was open when it stopped)
-        opened = more_openings(seen_openings(out), open_step_seconds(redis, wiring.project))
-        keep_openings(out, opened)
+        jobs = more_job_seconds(seen_job_seconds(out), finished_job_seconds(redis, wiring.project))
+        keep_job_seconds(out, jobs)
         with (
             LabelStudioClient.connect(ls.url, engineer.token) as person,
             LabelStudioClient.connect(ls.url, auto.token) as backend_account,
@@ -406,8 +444,8 @@ def run_demo(
                 )
                 engineer_seconds = time.monotonic() - start
                 next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
-                opened = more_openings(opened, open_step_seconds(redis, wiring.project))
-                keep_openings(out, opened)
+                jobs = more_job_seconds(jobs, finished_job_seconds(redis, wiring.project))
+                keep_job_seconds(out, jobs)
                 outcome = set_outcome(
                     backend_account, wiring.project, number, truth, labels, auto_user
                 )
@@ -432,7 +470,9 @@ def run_demo(
                         retrain_seconds=learnt[-1].training.get("train_seconds")
                         if learnt
                         else None,
-                        opening_seconds=opened.get(number),
+                        opening_seconds=jobs["opening"].get(number),
+                        retraining_job_seconds=jobs["retraining"].get(number),
+                        label_read_seconds=jobs["label_read"].get(number),
                     )
                 )
                 write_results(out, rows)
@@ -517,6 +557,8 @@ def report(rows: list[SetRow]) -> dict[str, Any]:
                 "model_accuracy": o.model_accuracy,
                 "retrain_seconds": r.retrain_seconds,
                 "opening_seconds": r.opening_seconds,
+                "retraining_job_seconds": r.retraining_job_seconds,
+                "label_read_seconds": r.label_read_seconds,
                 "engineer_seconds": r.engineer_seconds,
                 "next_set_seconds": r.next_set_seconds,
                 "wrong_auto_wafers": list(o.wrong_auto_wafers),
@@ -544,13 +586,20 @@ def _row_json(row: SetRow) -> dict[str, Any]:
     }
 
 
+def _job_cell(job: float | None, read: float | None) -> str:
+    if job is None:
+        return "-"
+    return f"{job:.0f} s" + (f" ({read:.0f} s)" if read is not None else "")
+
+
 def results_table(rows: list[SetRow]) -> str:
     """The per-set table and the totals, as Markdown."""
     lines = [
         "| set | wafers | engineer labels | audit wafers | audited auto-label accuracy "
         "| auto labels | wrong auto labels | accuracy | promise | model version "
-        "| last label -> next set ready | model accuracy | retraining | opening |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| last label -> next set ready | model accuracy | retraining (train) "
+        "| retraining job (label read) | opening |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         o = r.outcome
@@ -568,6 +617,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| {r.next_set_seconds:.1f} s "
             f"| {'-' if o.model_accuracy is None else f'{o.model_accuracy:.2%}'} "
             f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} "
+            f"| {_job_cell(r.retraining_job_seconds, r.label_read_seconds)} "
             f"| {'-' if r.opening_seconds is None else f'{r.opening_seconds:.0f} s'} |"
         )
     wafers = sum(r.outcome.wafers for r in rows)
@@ -578,7 +628,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| all | {wafers} | {engineer} ({engineer / wafers:.1%}) "
             f"| {sum(r.audit.audited for r in rows if r.audit is not None)} | "
             f"| {sum(r.outcome.auto for r in rows)} | {errors} | {1 - errors / wafers:.2%} "
-            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | | | | |"
+            f"| {sum(r.promise_met for r in rows)} of {len(rows)} met | | | | | | |"
         )
     return "\n".join(lines) + "\n"
 
