@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import psycopg
@@ -78,6 +79,23 @@ def test_the_server_environment_points_label_studio_at_the_database(tmp_path: Pa
     assert env["POSTGRE_PORT"] == "5432" and "DATABASE_NAME" not in env
     env = server_environment(tmp_path, tmp_path / "files", admin)
     assert env["DJANGO_DB"] == "sqlite" and "POSTGRE_NAME" not in env
+
+
+def test_label_studio_sends_no_error_reports_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Label Studio's own settings lookup finds no Sentry address to report errors to (its
+    default is its vendor's), even where the caller's environment names one."""
+    from label_studio.core.utils.params import get_env
+
+    monkeypatch.setenv("SENTRY_DSN", "https://key@sentry.example.com/1")
+    env = server_environment(tmp_path, tmp_path / "files", Credentials("a@b.c", "pw", "t" * 40))
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert get_env("SENTRY_DSN", "https://vendor@o1.ingest.sentry.io/2") == ""
+    assert get_env("FRONTEND_SENTRY_DSN", "https://vendor@o1.ingest.sentry.io/3") == ""
 
 
 def test_postgres_database_is_made_remembered_usable_and_dropped(tmp_path: Path) -> None:

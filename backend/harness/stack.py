@@ -279,6 +279,10 @@ def server_environment(
             "SSRF_PROTECTION_ENABLED": "false",
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
+            # Label Studio reports its server and browser errors to its vendor's Sentry unless
+            # told otherwise: tracebacks with task data and hosts must not leave a fab.
+            "LABEL_STUDIO_SENTRY_DSN": "",
+            "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
             # Label Studio's batched prediction import (its own feature flag, off by default):
             # `import_predictions` without the per-prediction label-config validation of its
             # legacy path (backend.preannotation stores only results the backend built from
