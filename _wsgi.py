@@ -14,6 +14,7 @@ import os
 
 from prometheus_client import CollectorRegistry
 
+from backend.allocator import keep_freed_memory
 from backend.app import RequestLimits, create_app
 from backend.loop_keys import QUEUES
 from backend.monitoring import LoopCollector
@@ -26,6 +27,8 @@ logging.basicConfig(
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
 )
 settings = Settings.from_env(os.environ)
+if settings.keep_freed_memory:
+    keep_freed_memory()
 model = WaferMapModel(settings)
 # /metrics: the app's own traffic, and the loop's state read from MODEL_DIR and rq when scraped.
 registry = CollectorRegistry()

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.allocator import keep_freed_memory
 from backend.label_config import LabelConfig, parse_label_config
 from backend.settings import BACKBONES, DEVICES, ENVIRONMENT, FIRST_MODEL_EPOCHS, Settings
 from backend.sources import load_wafers
@@ -527,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     if args.command == "settings":
         for name, text in ENVIRONMENT.items():
             print(f"{name:18} {shown_value(name, os.environ.get(name, ''))!r:24} {text}")

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from rq import Worker, get_current_job
 from rq.job import Job
 
+from backend.allocator import keep_freed_memory
 from backend.job_resources import (
     JobResources,
     job_redis,
@@ -83,7 +84,10 @@ class WaferWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before rq's own __init__, which reads `dequeue_timeout` (its socket timeout).
-        self.reconcile_interval_s = Settings.from_env(os.environ).reconcile_interval_s
+        settings = Settings.from_env(os.environ)
+        self.reconcile_interval_s = settings.reconcile_interval_s
+        if settings.keep_freed_memory:
+            keep_freed_memory()  # the job forks inherit it
         self._sweep_not_before = time.monotonic() + self.reconcile_interval_s
         super().__init__(*args, **kwargs)
 

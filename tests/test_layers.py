@@ -54,6 +54,7 @@ LAYERS = {
         "loop_keys",
         "wafer_store",
         "label_snapshot",
+        "allocator",
         "monitoring",
     },
     2: {
