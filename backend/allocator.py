@@ -7,7 +7,7 @@ touches new zeroed pages: page faults, system time. Measured on this project's 2
 (prediction of 2,048 stored WM-811K wafers x 8 views with the served wafercnn at 48, two runs each,
 alternating, beside Label Studio serving the simulated engineers): 8.8 M minor page faults, 25-27 s
 of system time and 186-189 s of wall time as glibc comes; no page fault, 0.2 s of system time and
-113 s with big blocks kept (1.65x faster).
+109-113 s with big blocks kept (1.65-1.7x faster).
 
 `keep_freed_memory` turns mmap off for big blocks (they come from the heap) and the trimming of
 the heap's top off, so freed memory is reused rather than returned. The price: a process keeps its
