@@ -68,17 +68,15 @@ def read_labelled_tasks(
     project: int,
     set_number: int,
     picture_key: str,
-    *,
-    full: bool = False,
 ) -> LabelRead:
     """Every labelled task of `project`, as `LabelStudioClient.labelled_tasks` gives them, for
-    the retraining of `set_number`; the copy is rewritten for the next read. `full` ignores the
-    copy. `picture_key` is the data key of the task's picture (left out of the copy where the
-    wafer store holds the die map)."""
+    the retraining of `set_number`; the copy is rewritten for the next read. `picture_key` is
+    the data key of the task's picture (left out of the copy where the wafer store holds the
+    die map)."""
     started_at, started = datetime.now(UTC), time.perf_counter()
     path = snapshot_path(model_dir, project)
     index = wafers.wafer_index()
-    snapshot = None if full else load_snapshot(path, project)
+    snapshot = load_snapshot(path, project)
     tasks: list[dict[str, Any]] | None = None
     how, asked = "full", 0
     if snapshot is not None:
@@ -88,7 +86,7 @@ def read_labelled_tasks(
         # sets of 17,295 made a read of 139,438 ids take 259 s in the full-scale run.
         later = [t for t, (_, _, s) in index.items() if snapshot.through_set < s <= set_number]
         ask = set(changed) | set(later)
-        merged = {int(t["id"]): dict(t) for t in snapshot.tasks if int(t["id"]) not in ask}
+        merged = {int(t["id"]): t for t in snapshot.tasks if int(t["id"]) not in ask}
         merged.update((int(t["id"]), t) for t in client.labelled_tasks(project, ids=sorted(ask)))
         counted = sum(len(t.get("annotations") or []) for t in merged.values())
         expected = client.annotation_count(project)

@@ -49,7 +49,7 @@ class LabelledSnapshot:
     project: int
     through_set: int
     read_at: datetime
-    tasks: Sequence[Mapping[str, Any]]
+    tasks: Sequence[dict[str, Any]]
 
 
 def snapshot_path(model_dir: Path, project: int) -> Path:
