@@ -443,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--target-accuracy", type=float, default=0.995)
     replay.add_argument("--confidence", type=float, default=0.95)
     replay.set_defaults(data=None)
+    gate = sub.add_parser(
+        "view-gate",
+        help="a demo run's first set routed by one view, 8 views and 8 views of the unsure "
+        "wafers only, at the promise, against the true labels",
+    )
+    gate.add_argument("run", type=Path, help="the demo's directory (demo --out)")
+    gate.add_argument("--target-accuracy", type=float, default=0.995)
+    gate.add_argument("--confidence", type=float, default=0.95)
+    gate.set_defaults(data=None)
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
@@ -614,6 +623,21 @@ def _run(args: argparse.Namespace) -> int:
             args.run, args.target_accuracy, args.confidence, log=lambda s: print(s, file=sys.stderr)
         )
         print((args.run / "promise-replay.md").read_text())
+        return 0
+    if args.command == "view-gate":
+        from backend.study.view_gate import view_gate_study
+
+        if not (args.run / "demo-state.json").is_file():
+            print(f"{args.run} is not a demo run (no demo-state.json)", file=sys.stderr)
+            return 2
+        view_gate_study(
+            args.run,
+            args.target_accuracy,
+            args.confidence,
+            settings.validation_fraction,
+            log=lambda s: print(s, file=sys.stderr),
+        )
+        print((args.run / "view-gate.md").read_text())
         return 0
     if args.command == "label-issues":
         return _label_issues(args, settings, labels)

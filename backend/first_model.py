@@ -48,7 +48,7 @@ from backend.retraining import holdout_key, with_validation
 from backend.settings import Settings
 from backend.splits import stable_holdout, stratified_sample, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_network
-from backend.uncertainty import Measure, views_for
+from backend.uncertainty import Measure
 from backend.wafer_sets import INITIAL_SET
 from backend.wafers import WaferMaps
 
@@ -183,9 +183,7 @@ def train_first_model(
     accuracy come from `settings`; epochs, batch size and seed from `config`.
     """
     n_classes = len(labels.failure_types)
-    held_out = stable_holdout(history.holdout_keys, settings.validation_fraction)
-    held_out &= history.by_person
-    train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    train, val = holdout_split(history, settings)
     if len(train) < 2:
         raise ValueError(f"only {len(train)} wafers left to train on after the holdout")
     network = build_network(settings.backbone, n_classes, config.seed, settings.weights_path)
@@ -198,7 +196,6 @@ def train_first_model(
         device,
         progress="training" if progress else None,
     )
-    measure = Measure(settings.route_measure)
     card = ModelCard(
         version=version,
         failure_types=labels.failure_types,
@@ -207,7 +204,7 @@ def train_first_model(
         logit_adjustment=tuple(logit_adjustment(history.classes[train], n_classes, config.balance)),
         trained_through_set=TRAINED_THROUGH,
         project=project,
-        route_measure=measure.value,
+        route_measure=settings.route_measure,
         training=config.to_dict()
         | {
             "train_wafers": len(train),
@@ -218,19 +215,46 @@ def train_first_model(
             "offline": {"history": history.origin, "wafers_in_project": history.in_project},
         },
     )
-    model = WaferClassifier(network=network, card=card, device=device)
-    figures = {
+    model, figures = validated(
+        WaferClassifier(network=network, card=card, device=device), history, settings, progress
+    )
+    figures |= {
         "train_wafers": float(len(train)),
         "train_seconds": report.seconds,
         "train_wafers_per_second": len(train) * config.epochs / report.seconds,
     }
+    return model, figures
+
+
+def holdout_split(
+    history: History, settings: Settings
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Indices of the history's training wafers and of its held-out, person-labelled ones (the
+    worker's stable holdout, WAFER_VALIDATION_FRACTION)."""
+    held_out = stable_holdout(history.holdout_keys, settings.validation_fraction)
+    held_out &= history.by_person
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+def validated(
+    model: WaferClassifier, history: History, settings: Settings, progress: bool = True
+) -> tuple[WaferClassifier, dict[str, float]]:
+    """The model with its card's routing made for `settings`: its scores on the history's
+    held-out wafers by WAFER_ROUTE_MEASURE (each set's cut is calibrated to them) and the
+    calibration figures at WAFER_TARGET_ACCURACY in its metrics. A cached network is validated
+    again this way, so a change of routing never trains the network again."""
+    train, val = holdout_split(history, settings)
+    measure = Measure(settings.route_measure)
+    card = dataclasses.replace(model.card, route_measure=measure.value, validation=None)
+    model = WaferClassifier(network=model.network, card=card, device=model.device)
+    figures: dict[str, float] = {}
     metrics: dict[str, float] = {"train_wafers": float(len(train))}
     if len(val):
         started = time.perf_counter()
         probs = wafer_probabilities(
             model,
             history.codes[val],
-            views_for(measure),
+            measure,
             progress="validating" if progress else None,
         )
         figures["predict_wafers_per_second"] = len(val) / (time.perf_counter() - started)
@@ -239,14 +263,15 @@ def train_first_model(
         )
         metrics |= calibration
     card = dataclasses.replace(card, metrics=metrics)
-    return WaferClassifier(network=network, card=card, device=device), figures
+    return WaferClassifier(network=model.network, card=card, device=model.device), figures
 
 
 def first_model_cache_key(
     history: History, settings: Settings, config: TrainConfig, data_identity: str
 ) -> str:
-    """What a cached first model depends on: the wafers and their holdout keys, the labels, the
-    network and its input, the training settings and the routing settings of its card."""
+    """What a cached first model's network depends on: the wafers and their holdout keys, the
+    labels, the network and its input, and the training settings. Not the routing: a cached
+    network is validated again for the routing in force (`validated`)."""
     digest = hashlib.sha256()
     for part in (
         data_identity,
@@ -254,8 +279,6 @@ def first_model_cache_key(
         str(settings.image_size),
         str(settings.weights_path),
         str(settings.validation_fraction),
-        settings.route_measure,
-        str(settings.target_accuracy),
         json.dumps(config.to_dict(), sort_keys=True),
     ):
         digest.update(part.encode() + b"\0")
@@ -292,7 +315,8 @@ def cached_first_model(
             log.warning("cached first model %s unreadable (%s): training again", path, exc)
         else:
             card = dataclasses.replace(cached.card, version=version, project=project)
-            return WaferClassifier(network=cached.network, card=card, device=device), True
+            model = WaferClassifier(network=cached.network, card=card, device=device)
+            return validated(model, history, settings, progress)[0], True
     classifier, _ = train_first_model(
         history,
         labels,

@@ -50,7 +50,7 @@ from backend.predictions import (
 from backend.reconcile import repair_label_counts
 from backend.routing import Route, RoutingRule
 from backend.settings import Settings
-from backend.uncertainty import Measure, views_for
+from backend.uncertainty import Measure
 from backend.wafer_store import SetRouting
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ def preannotate_set(
     )
     predicted: list[WaferPrediction] = []
     cut: float | None = None
+    steps = {"read": time.perf_counter() - started}
     if task_ids:
         predicted, routed = predict_codes(
             task_ids,
@@ -235,7 +236,7 @@ def preannotate_set(
             classifier,
             rule,
             progress=f"predicting set {set_number}",
-            views=views_for(measure),
+            measure=measure,
         )
         cut = routed.cut
     if kept is not None:
@@ -288,6 +289,7 @@ def preannotate_set(
                 BATCHED_PREDICTION_IMPORT_FLAG,
                 project,
             )
+    steps["predict"] = time.perf_counter() - started - sum(steps.values())
     resources.check_lock(f"storing the predictions of set {set_number}")
     stored_count = resources.client.create_predictions(
         project,
@@ -312,6 +314,7 @@ def preannotate_set(
     if stored_count:
         resources.check_lock(f"pointing the project at {version}")
         resources.client.set_model_version(project, version)
+    steps["store"] = time.perf_counter() - started - sum(steps.values())
     accepted = accept_confident(
         resources.client,
         project,
@@ -321,6 +324,7 @@ def preannotate_set(
         cut,
         check=resources.check_lock,
     )
+    steps["accept"] = time.perf_counter() - started - sum(steps.values())
     # Every wafer of the set was tried (unreadable ones are not tried again on every event).
     resources.redis.hset(opened_key(project), str(set_number), version)
     for p in failed[:20]:
@@ -344,6 +348,7 @@ def preannotate_set(
         "batched_prediction_import": batched,
         "label_counts_repaired": recounted,
         "seconds": round(time.perf_counter() - started, 2),
+        "step_seconds": {step: round(seconds, 2) for step, seconds in steps.items()},
     }
     log.info("pre-annotated: %s", outcome)
     return outcome

@@ -36,7 +36,16 @@ from backend.classifier import WaferClassifier
 from backend.images import escape_controls, request_pixel_budget
 from backend.label_config import LabelConfig
 from backend.routing import Route, RoutingRule, ScoredRoutes, scored_routes
-from backend.uncertainty import entropy, least_confidence, margin, mean_over_views
+from backend.uncertainty import (
+    Measure,
+    entropy,
+    first_view_sure,
+    least_confidence,
+    margin,
+    mean_over_views,
+    sure_margin_for,
+    views_for,
+)
 
 #: `WaferPrediction.route` of a task that could not be predicted.
 ERROR_ROUTE = "error"
@@ -160,7 +169,7 @@ def predict_tasks(
     rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     fetch: Callable[[str], npt.NDArray[np.uint8]],
     stored: Mapping[int, npt.NDArray[np.uint8]] | None = None,
-    views: int = 1,
+    measure: Measure | str = Measure.MARGIN,
 ) -> list[WaferPrediction]:
     """One `WaferPrediction` per task, in task order.
 
@@ -180,7 +189,7 @@ def predict_tasks(
     if readable:
         codes = np.stack([r for r in read if not isinstance(r, WaferPrediction)])
         predicted, _ = predict_codes(
-            [_task_id(tasks[i]) for i in readable], codes, classifier, rule, views=views
+            [_task_id(tasks[i]) for i in readable], codes, classifier, rule, measure=measure
         )
         for i, p in zip(readable, predicted, strict=True):
             out[i] = p
@@ -190,14 +199,26 @@ def predict_tasks(
 def wafer_probabilities(
     classifier: WaferClassifier,
     codes: npt.NDArray[np.uint8],
-    views: int = 1,
+    measure: Measure | str = Measure.MARGIN,
     progress: str | None = None,
 ) -> npt.NDArray[np.float64]:
-    """The probabilities a routing measure reads: (n, k) for one drawing of each wafer,
-    (views, n, k) for several (`backend.uncertainty.views_for`)."""
-    if views > 1:
+    """The probabilities routing `measure` reads: (n, k) for one drawing of each wafer, (views,
+    n, k) for several (`backend.uncertainty.views_for`). For a measure that draws only the
+    wafers unsure in one drawing (`sure_margin_for`), the sure wafers' first drawing is
+    repeated in place of the others (`first_view_for_sure` scores it so)."""
+    views = views_for(measure)
+    sure_margin = sure_margin_for(measure)
+    if views == 1:
+        return classifier.predict_proba(codes, progress=progress)
+    if sure_margin is None:
         return classifier.predict_views(codes, views, progress=progress)
-    return classifier.predict_proba(codes, progress=progress)
+    first = classifier.predict_views(codes, 1, progress=progress)
+    unsure = np.flatnonzero(~first_view_sure(first, sure_margin))
+    drawn = np.repeat(first, views, axis=0)
+    if len(unsure):
+        more = f"{progress}: {views} views of {len(unsure)} unsure" if progress else None
+        drawn[1:, unsure] = classifier.predict_views(codes[unsure], views, progress=more)[1:]
+    return drawn
 
 
 def predict_codes(
@@ -207,17 +228,18 @@ def predict_codes(
     rule: RoutingRule | Callable[[npt.NDArray[np.float64]], RoutingRule],
     *,
     progress: str | None = None,
-    views: int = 1,
+    measure: Measure | str = Measure.MARGIN,
 ) -> tuple[list[WaferPrediction], ScoredRoutes]:
     """Predict die codes (n, S, S) in batches, route them, and score them (`scored_routes`).
 
     `rule` may be a callable that picks the rule from all n wafers' probabilities (the
-    calibration to the set). `progress` names a progress bar on stderr. With `views` > 1 the
-    model sees each wafer in that many symmetric drawings: the rule and the scores get the
-    probabilities of every drawing (views, n, k), the prediction the mean's failure type.
+    calibration to the set). `progress` names a progress bar on stderr. The model sees each
+    wafer in as many symmetric drawings as routing `measure` reads (`wafer_probabilities`):
+    the rule and the scores get the probabilities of every drawing (views, n, k), the
+    prediction the mean's failure type.
     """
     names = classifier.card.failure_types
-    drawn = wafer_probabilities(classifier, codes, views, progress)
+    drawn = wafer_probabilities(classifier, codes, measure, progress)
     probs, _ = mean_over_views(drawn)
     lc, mg, en = least_confidence(probs), margin(probs), entropy(probs)
     chosen = rule if isinstance(rule, RoutingRule) else rule(drawn)

@@ -40,7 +40,7 @@ from backend.replay import RetrainPolicy, plan_retraining
 from backend.set_audits import record_audits, sampled_wafers
 from backend.splits import stable_holdout, unrouted_holdout, wafer_key
 from backend.training import TrainConfig, logit_adjustment, train_bounded, train_network
-from backend.uncertainty import Measure, mean_over_views, uncertainty, views_for
+from backend.uncertainty import Measure, mean_over_views, uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def retrain(resources: JobResources, project: int, set_number: int) -> dict[str,
     )
     calibration_wafers = np.flatnonzero(fair)
     if len(calibration_wafers):
-        probs = wafer_probabilities(model, codes[calibration_wafers], views_for(s.route_measure))
+        probs = wafer_probabilities(model, codes[calibration_wafers], s.route_measure)
         card, calibration = with_validation(
             card, probs, classes[calibration_wafers], Measure(s.route_measure), s.target_accuracy
         )

@@ -20,7 +20,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from backend.uncertainty import Measure, uncertainty
+from backend.uncertainty import SURE_ONE_VIEW_MARGIN, Measure, uncertainty
 
 
 class Route(StrEnum):
@@ -89,6 +89,12 @@ class RoutingRule:
         if self.measure is Measure.EIGHT_VIEWS:
             op = "<=" if self.inclusive else "<"
             return f"(p1 - p2) x agreement over 8 views {op} {1.0 - t!r}"
+        if self.measure is Measure.EIGHT_VIEWS_WHEN_UNSURE:
+            op = "<=" if self.inclusive else "<"
+            return (
+                f"(p1 - p2) x agreement over 8 views (1 view when its p1 - p2 >= "
+                f"{SURE_ONE_VIEW_MARGIN}) {op} {1.0 - t!r}"
+            )
         op = "<=" if self.inclusive else "<"
         quantity = "max p" if self.measure is Measure.LEAST_CONFIDENCE else "p1 - p2"
         return f"{quantity} {op} {1.0 - t!r}"
@@ -116,7 +122,7 @@ def engineer_order(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.int
 def sureness(probs: npt.ArrayLike, measure: Measure) -> npt.NDArray[np.float64]:
     """How sure the model is of each wafer, by the routing measure, in [0, 1] (higher = surer):
     ``max p`` (least confidence), ``p1 - p2`` (margin), ``exp(-entropy)`` (entropy),
-    ``(p1 - p2) x agreement`` (eight views).
+    ``(p1 - p2) x agreement`` (eight views, also when drawn only for unsure wafers).
 
     A decreasing function of the measure's uncertainty score, so sorting by it ascending lists
     the wafers most uncertain first. It is the score a prediction carries into Label Studio.

@@ -44,7 +44,6 @@ from backend.model_store import VERSION_PATTERN, ModelStore
 from backend.predictions import WaferPrediction, predict_tasks, tasks_to_label_studio
 from backend.project_ids import ProjectIdError, parse_project_id
 from backend.settings import Settings
-from backend.uncertainty import views_for
 from backend.wafer_store import WaferStore
 
 log = logging.getLogger(__name__)
@@ -193,8 +192,8 @@ class WaferLabelingService:
         stored = WaferStore.for_project(self.settings.model_dir, number).task_codes(
             current, classifier.card.image_size, classifier.card.failure_types
         )
-        views = views_for(route_measure(self.settings, classifier.card))
-        predictions = predict_tasks(current, classifier, self.labels, rule, fetch, stored, views)
+        measure = route_measure(self.settings, classifier.card)
+        predictions = predict_tasks(current, classifier, self.labels, rule, fetch, stored, measure)
         summary = failure_summary(predictions)
         if summary is not None:
             log.warning("predict for project %d: %s", number, summary)

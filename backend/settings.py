@@ -39,7 +39,7 @@ ENVIRONMENT = {
     "BASIC_AUTH_PASS": "see BASIC_AUTH_USER",
     "WAFER_BACKEND_URL": "where Label Studio reaches this backend (default http://127.0.0.1:9090)",
     "WAFER_TARGET_ACCURACY": "labeling accuracy the auto-accept threshold is calibrated to (default 0.995)",
-    "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence, entropy or eight-views (the mean over a wafer's 8 symmetric drawings, scored by margin x agreement: 8 predictions a wafer)",
+    "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence, entropy or eight-views (the mean over a wafer's 8 symmetric drawings, scored by margin x agreement: 8 predictions a wafer) or eight-views-when-unsure (the same, 8 drawings only of the wafers whose one-view p1 - p2 is under 0.99)",
     "WAFER_PROMISE_CONFIDENCE": "probability with which each set's labeling accuracy meets WAFER_TARGET_ACCURACY (default 0.95; 0: calibrate the expected accuracy instead)",
     "WAFER_AUDIT_FRACTION": "share of each set's auto-routed wafers held back from auto-accept and labelled blind by engineers, to check the promise (default 0.02; 0 turns audits off)",
     "WAFER_AUDIT_MIN": "fewest audit wafers a set gets, when it has that many auto-routed wafers (default 50)",
@@ -62,7 +62,13 @@ ENVIRONMENT = {
 }
 
 #: Uncertainty measures a routing rule can use (the values of backend.uncertainty.Measure).
-ROUTE_MEASURES = ("margin", "least-confidence", "entropy", "eight-views")
+ROUTE_MEASURES = (
+    "margin",
+    "least-confidence",
+    "entropy",
+    "eight-views",
+    "eight-views-when-unsure",
+)
 
 
 def _default_cache(environ: Mapping[str, str]) -> Path:

@@ -96,3 +96,17 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
         served, exact = s["served_engineer"], s["rules"]["promise"]["engineer"]
         assert abs(served - exact) <= 2, s  # the served cut, up to float noise at the cut
         assert exact <= s["rules"]["promise-union"]["engineer"]
+    # The first set routed by one view, 8 views and 8 views of the unsure wafers only
+    gate = [sys.executable, "-m", "backend", "view-gate", str(out)]
+    gated = subprocess.run(gate, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert gated.returncode == 0, gated.stderr[-3000:]
+    study = json.loads((out / "view-gate.json").read_text())
+    assert study["set"] == 1 and study["wafers"] == 150 and study["held_out_wafers"] > 0
+    routes = study["routes"]
+    assert [r["measure"] for r in routes[:2]] == ["margin", "eight-views"]
+    assert [r["drawings_per_wafer"] for r in routes[:2]] == [1.0, 8.0]
+    drawings = [r["drawings_per_wafer"] for r in routes[2:]]
+    assert all(1 <= d <= 8 for d in drawings) and drawings == sorted(drawings)
+    for r in routes:
+        assert 0 <= r["engineer"] <= 150 and 0 <= r["wrong_auto"] <= 150 - r["engineer"]
+    assert "| eight-views-when-unsure | 0.99 |" in gated.stdout

@@ -11,12 +11,21 @@ from backend.classifier import WaferClassifier, build_network
 from backend.label_config import LabelConfig
 from backend.loop_state import route_measure
 from backend.model_card import HeldOutScores, ModelCard
-from backend.predictions import predict_codes
+from backend.predictions import predict_codes, wafer_probabilities
 from backend.retraining import with_validation
 from backend.routing import RoutingRule, scored_routes, sureness
 from backend.settings import Settings
 from backend.study.symmetric_views import summarize_views, view_uncertainty
-from backend.uncertainty import Measure, mean_over_views, uncertainty, views_for
+from backend.uncertainty import (
+    SURE_ONE_VIEW_MARGIN,
+    Measure,
+    first_view_for_sure,
+    margin,
+    max_uncertainty,
+    mean_over_views,
+    uncertainty,
+    views_for,
+)
 
 SIZE = 16
 
@@ -69,7 +78,11 @@ def test_the_model_sees_the_eight_drawings_of_each_wafer(classifier: WaferClassi
     assert drawn[1] == pytest.approx(classifier.predict_proba(turned), abs=1e-5)
     # A prediction over 8 views: the mean's type, scored and routed on all 8.
     predicted, routed = predict_codes(
-        list(range(5)), codes, classifier, RoutingRule(Measure.EIGHT_VIEWS, 0.5), views=8
+        list(range(5)),
+        codes,
+        classifier,
+        RoutingRule(Measure.EIGHT_VIEWS, 0.5),
+        measure="eight-views",
     )
     mean, _ = mean_over_views(drawn)
     names = classifier.card.failure_types
@@ -109,3 +122,58 @@ def test_suspect_labels_are_confident_disagreements_only() -> None:
     # on eight views: the mean decides
     drawn = np.stack([probs] * 4 + [probs[:, ::-1]] * 4)
     assert suspect_labels(drawn, truth, 0.9).tolist() == []
+
+
+def test_eight_views_when_unsure_scores_sure_wafers_by_their_one_view() -> None:
+    rng = np.random.default_rng(5)
+    drawn = rng.dirichlet(np.full(3, 0.3), size=(8, 200))
+    one = margin(drawn[0])
+    sure = one >= SURE_ONE_VIEW_MARGIN
+    assert sure.any() and (~sure).any()
+    scored = uncertainty(drawn, Measure.EIGHT_VIEWS_WHEN_UNSURE)
+    # Unsure in one view: all 8 drawings; sure: its one drawing's margin.
+    assert scored[~sure] == pytest.approx(uncertainty(drawn, Measure.EIGHT_VIEWS)[~sure])
+    assert scored[sure] == pytest.approx(1 - one[sure])
+    # What the backend predicts (the sure wafers' first drawing repeated) scores the same as
+    # all 8 drawings of every wafer: the held-out wafers and a set are scored alike.
+    filled = first_view_for_sure(drawn, SURE_ONE_VIEW_MARGIN)
+    assert np.all(filled[:, sure] == drawn[0, sure][None])
+    assert np.array_equal(filled[:, ~sure], drawn[:, ~sure])
+    assert uncertainty(filled, Measure.EIGHT_VIEWS_WHEN_UNSURE) == pytest.approx(scored)
+    assert views_for(Measure.EIGHT_VIEWS_WHEN_UNSURE) == 8
+    assert max_uncertainty(Measure.EIGHT_VIEWS_WHEN_UNSURE, 3) == 1.0
+    assert (
+        "1 view when its p1 - p2 >= 0.99"
+        in RoutingRule(Measure.EIGHT_VIEWS_WHEN_UNSURE, 0.1).describe()
+    )
+
+
+def test_the_backend_draws_8_views_of_the_unsure_wafers_only(
+    classifier: WaferClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codes = np.random.default_rng(2).integers(0, 3, size=(40, SIZE, SIZE), dtype=np.uint8)
+    full = classifier.predict_views(codes, 8)
+    # A sure-margin between the wafers' own one-view margins: some sure, some not.
+    margins = np.sort(margin(full[0]))
+    gate = float((margins[19] + margins[20]) / 2)
+    monkeypatch.setattr("backend.uncertainty.SURE_ONE_VIEW_MARGIN", gate)
+    asked: list[tuple[int, int]] = []
+    predict_views = WaferClassifier.predict_views
+
+    def counted(self: WaferClassifier, part: np.ndarray, views: int = 8, **kw: object) -> object:
+        asked.append((len(part), views))
+        return predict_views(self, part, views, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WaferClassifier, "predict_views", counted)
+    drawn = wafer_probabilities(classifier, codes, Measure.EIGHT_VIEWS_WHEN_UNSURE)
+    assert asked == [(40, 1), (20, 8)]
+    assert drawn == pytest.approx(first_view_for_sure(full, gate), abs=1e-6)
+    predicted, _ = predict_codes(
+        list(range(40)),
+        codes,
+        classifier,
+        RoutingRule(Measure.EIGHT_VIEWS_WHEN_UNSURE, 0.5),
+        measure=Measure.EIGHT_VIEWS_WHEN_UNSURE,
+    )
+    expected = 1 - uncertainty(full, Measure.EIGHT_VIEWS_WHEN_UNSURE)
+    assert [p.score for p in predicted] == pytest.approx(expected.tolist(), abs=1e-6)

@@ -201,14 +201,16 @@ def test_a_first_model_is_trained_once_then_taken_from_the_cache(
     kept.write_bytes(b"garbage")
     _, cached = first_model(config)
     assert not cached
-    # Routing on eight views is another model, calibrated on the 8 drawings of its held-out
-    # wafers (`WAFER_ROUTE_MEASURE=eight-views`).
+    # Another routing is the same network, validated again: calibrated on the 8 drawings of its
+    # held-out wafers (`WAFER_ROUTE_MEASURE=eight-views`), not trained again.
     settings = dataclasses.replace(settings, route_measure="eight-views")
     eight, cached = first_model(config)
-    assert not cached and eight.card.validation is not None
-    assert eight.card.validation.measure == "eight-views"
+    assert cached and eight.card.validation is not None
+    assert eight.card.validation.measure == "eight-views" == eight.card.route_measure
     assert first.card.validation is not None
     assert len(eight.card.validation.scores) == len(first.card.validation.scores)
+    assert eight.card.validation.scores != first.card.validation.scores
+    np.testing.assert_allclose(eight.predict_proba(codes), first.predict_proba(codes), atol=1e-6)
 
 
 def test_train_needs_no_label_studio_with_a_project_id_and_a_file(

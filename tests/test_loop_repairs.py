@@ -353,6 +353,10 @@ def test_wafers_added_to_an_opened_set_are_routed_by_its_kept_cut_which_stays(
     assert wafer_store.routing(1, version) == routing
     [opened] = [s for s in outcome["steps"] if s["action"] == "open"]
     assert opened["routing"] == "kept" and opened["score_cut"] == routing.cut, opened
+    # Where the opening's time went, step by step
+    steps = opened["step_seconds"]
+    assert list(steps) == ["read", "predict", "store", "accept"], opened
+    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= opened["seconds"] + 0.1
     with world.client(world.auto) as client:
         tasks = {int(t["id"]): t for t in client.tasks_of_set(project, 1)}
     for task_id in added:

@@ -43,11 +43,12 @@ from backend.classifier import load_version, pick_device
 from backend.encoding import encode_wafers
 from backend.files import atomic_write_text
 from backend.model_store import ModelStore
+from backend.predictions import wafer_probabilities
 from backend.study.routing_methods import Evidence
 from backend.study.routing_study import collect_evidence
 from backend.study.simulate import Study, json_safe
 from backend.study.temperature import softmax
-from backend.uncertainty import Measure, uncertainty, views_for
+from backend.uncertainty import Measure, mean_over_views, uncertainty
 from backend.wafer_store import WaferStore
 
 
@@ -275,17 +276,10 @@ def replay_demo(
         measure = Measure(card.validation.measure)
         stored = store.read_set(routing.set_number, card.failure_types)
         codes = encode_wafers(stored.maps, card.image_size)
-        views = views_for(measure)
         label = f"set {routing.set_number}: {routing.model_version}"
-        probs = (
-            classifier.predict_views(codes, views, progress=label)
-            if views > 1
-            else classifier.predict_proba(codes, progress=label)
-        )
+        probs = wafer_probabilities(classifier, codes, measure, progress=label)
         scores = uncertainty(probs, measure)
-        guess = np.asarray(card.failure_types)[
-            (probs.mean(axis=0) if views > 1 else probs).argmax(1)
-        ]
+        guess = np.asarray(card.failure_types)[mean_over_views(probs)[0].argmax(1)]
         right = guess == np.asarray([truth[int(w)] for w in stored.maps.source_row])
         val_scores = np.asarray(card.validation.scores, dtype=np.float64)
         val_right = np.asarray(card.validation.correct, dtype=np.bool_)
