@@ -39,7 +39,7 @@ ENVIRONMENT = {
     "BASIC_AUTH_PASS": "see BASIC_AUTH_USER",
     "WAFER_BACKEND_URL": "where Label Studio reaches this backend (default http://127.0.0.1:9090)",
     "WAFER_TARGET_ACCURACY": "labeling accuracy the auto-accept threshold is calibrated to (default 0.995)",
-    "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: margin (default), least-confidence, entropy or eight-views (the mean over a wafer's 8 symmetric drawings, scored by margin x agreement: 8 predictions a wafer) or eight-views-when-unsure (the same, 8 drawings only of the wafers whose one-view p1 - p2 is under 0.99)",
+    "WAFER_ROUTE_MEASURE": "uncertainty measure for routing: eight-views-when-unsure (default: the mean over a wafer's 8 symmetric drawings scored by margin x agreement, drawn 8 times only when one drawing's p1 - p2 is under 0.99), eight-views (8 drawings of every wafer), margin, least-confidence or entropy (one drawing)",
     "WAFER_PROMISE_CONFIDENCE": "probability with which each set's labeling accuracy meets WAFER_TARGET_ACCURACY (default 0.95; 0: calibrate the expected accuracy instead)",
     "WAFER_AUDIT_FRACTION": "share of each set's auto-routed wafers held back from auto-accept and labelled blind by engineers, to check the promise (default 0.02; 0 turns audits off)",
     "WAFER_AUDIT_MIN": "fewest audit wafers a set gets, when it has that many auto-routed wafers (default 50)",
@@ -69,6 +69,9 @@ ROUTE_MEASURES = (
     "eight-views",
     "eight-views-when-unsure",
 )
+#: The served routing measure: the study's best (8 views) at under half its prediction work, with
+#: the same engineer share on the full-scale demo's first set (docs/loop.md, "Uncertainty scores").
+DEFAULT_ROUTE_MEASURE = "eight-views-when-unsure"
 
 
 def _default_cache(environ: Mapping[str, str]) -> Path:
@@ -126,7 +129,7 @@ class Settings:
     target_accuracy: float = 0.995
     #: P(a set's labeling accuracy >= target_accuracy) the cut keeps (0: expected accuracy).
     promise_confidence: float = 0.95
-    route_measure: str = "margin"
+    route_measure: str = DEFAULT_ROUTE_MEASURE
     #: Share of a set's auto-routed wafers audited blind, and the fewest (`backend.audit`).
     audit_fraction: float = 0.02
     audit_min: int = 50
@@ -235,7 +238,9 @@ class Settings:
             backend_url=(environ.get("WAFER_BACKEND_URL") or cls.backend_url).rstrip("/"),
             target_accuracy=_float(environ, "WAFER_TARGET_ACCURACY", 0.995) or 0.995,
             promise_confidence=_float(environ, "WAFER_PROMISE_CONFIDENCE", 0.95) or 0.0,
-            route_measure=_choice(environ, "WAFER_ROUTE_MEASURE", "margin", ROUTE_MEASURES),
+            route_measure=_choice(
+                environ, "WAFER_ROUTE_MEASURE", DEFAULT_ROUTE_MEASURE, ROUTE_MEASURES
+            ),
             route_threshold=_float(environ, "WAFER_ROUTE_THRESHOLD", None),
             audit_fraction=_float(environ, "WAFER_AUDIT_FRACTION", 0.02) or 0.0,
             audit_min=_int(environ, "WAFER_AUDIT_MIN", 50),

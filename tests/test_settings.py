@@ -67,7 +67,7 @@ def test_service_settings_from_environment() -> None:
 def test_service_defaults_and_missing_key() -> None:
     settings = Settings.from_env({})
     assert settings.basic_auth is None and settings.route_threshold is None
-    assert settings.route_measure == "margin" and settings.target_accuracy == 0.995
+    assert settings.route_measure == "eight-views-when-unsure" and settings.target_accuracy == 0.995
     with pytest.raises(ValueError, match="LABEL_STUDIO_API_KEY is not set"):
         settings.require_label_studio()
 

@@ -43,11 +43,22 @@ SURE_MARGINS = (0.9, 0.95, 0.99, 0.999)
 
 
 def _drawn(
-    classifier: WaferClassifier, store: WaferStore, set_number: int, label: str
+    classifier: WaferClassifier,
+    store: WaferStore,
+    set_number: int,
+    label: str,
+    validation_fraction: float | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """All 8 drawings of the set's wafers and their wafer ids; with `validation_fraction`, of
+    its stable hold-out only (keyed by wafer identity, as `backend.first_model` holds out)."""
     stored = store.read_set(set_number, classifier.card.failure_types)
+    rows = stored.maps.source_row
     codes = encode_wafers(stored.maps, classifier.card.image_size)
-    return classifier.predict_views(codes, 8, progress=label), stored.maps.source_row
+    if validation_fraction is not None:
+        keys = np.asarray([wafer_key(WM811K_SOURCE, int(w)) for w in rows], dtype=np.int64)
+        held = stable_holdout(keys, validation_fraction)
+        codes, rows = codes[held], rows[held]
+    return classifier.predict_views(codes, 8, progress=label), rows
 
 
 def _route(
@@ -116,10 +127,10 @@ def view_gate_study(
     def classes(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         return np.asarray([names.index(truth_of[int(w)]) for w in rows], dtype=np.int64)
 
-    history, history_rows = _drawn(classifier, store, INITIAL_SET, "set 0 (8 views)")
-    keys = np.asarray([wafer_key(WM811K_SOURCE, int(w)) for w in history_rows], dtype=np.int64)
-    held = stable_holdout(keys, validation_fraction)
-    val, val_truth = history[:, held], classes(history_rows[held])
+    val, val_rows = _drawn(
+        classifier, store, INITIAL_SET, "set 0 held out (8 views)", validation_fraction
+    )
+    val_truth = classes(val_rows)
     label = f"set {first.set_number} (8 views)"
     drawn, rows = _drawn(classifier, store, first.set_number, label)
     truth = classes(rows)
@@ -143,7 +154,7 @@ def view_gate_study(
         "model_version": first.model_version,
         "set": first.set_number,
         "wafers": len(truth),
-        "held_out_wafers": int(held.sum()),
+        "held_out_wafers": len(val_truth),
         "target_accuracy": target,
         "confidence": confidence,
         "routes": routes,
