@@ -434,24 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
     promise.add_argument(
         "--calibration-size", type=int, default=2600, help="--pool: held-out wafers per draw"
     )
-    replay = sub.add_parser(
-        "promise-replay",
-        help="a demo run's sets routed again by each promise rule with the models that opened "
-        "them, against the true labels",
-    )
-    replay.add_argument("run", type=Path, help="the demo's directory (demo --out)")
-    replay.add_argument("--target-accuracy", type=float, default=0.995)
-    replay.add_argument("--confidence", type=float, default=0.95)
-    replay.set_defaults(data=None)
-    gate = sub.add_parser(
-        "view-gate",
-        help="a demo run's first set routed by one view, 8 views and 8 views of the unsure "
-        "wafers only, at the promise, against the true labels",
-    )
-    gate.add_argument("run", type=Path, help="the demo's directory (demo --out)")
-    gate.add_argument("--target-accuracy", type=float, default=0.995)
-    gate.add_argument("--confidence", type=float, default=0.95)
-    gate.set_defaults(data=None)
+    for name, what in (
+        (
+            "promise-replay",
+            "sets routed again by each promise rule with the models that opened them",
+        ),
+        (
+            "view-gate",
+            "first set routed by one view, 8 views and 8 views of the unsure wafers only",
+        ),
+    ):
+        on_run = sub.add_parser(name, help=f"a demo run's {what}, against the true labels")
+        on_run.add_argument("run", type=Path, help="the demo's directory (demo --out)")
+        on_run.add_argument("--target-accuracy", type=float, default=0.995)
+        on_run.add_argument("--confidence", type=float, default=0.95)
+        on_run.set_defaults(data=None)
     loop = sub.add_parser(
         "bench-loop",
         help="the loop at fab scale on a real Label Studio: import, open a set, status, reads",
