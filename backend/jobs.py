@@ -8,7 +8,9 @@ wafermap-events wafermap-training``:
   auto-accept the open set with the served model.
 - ``wafermap-training``: `retrain_job` trains a new model version on every annotated wafer so
   far (engineer, auto and known labels), stores it atomically beside the old ones, serves it,
-  and then pre-annotates and auto-accepts the next set with it.
+  and then pre-annotates and auto-accepts the next set with it; and `read_ahead_job`, enqueued
+  when a set opens, reads the labels while engineers work so that the retraining after the
+  set's last label reads only what changed since.
 
 Every advance first repairs what a killed worker or a lost Redis left behind
 (`backend.reconcile`), then decides from Label Studio and the project's model store, never from
@@ -45,6 +47,7 @@ from backend.job_resources import (
     open_job_resources,
     untried_wafers,
 )
+from backend.label_reads import read_labelled_tasks
 from backend.labelstudio import LabelStudioClient, set_filter, unlabelled_filter
 from backend.loop_keys import (
     ADVANCE_DEBOUNCE_S,
@@ -53,6 +56,7 @@ from backend.loop_keys import (
     full_advance_key,
     opened_key,
     release_own,
+    request_read_ahead,
     request_retrain,
     request_sweep,
     retrain_key,
@@ -161,6 +165,28 @@ def retrain_job(project: int, set_number: int) -> dict[str, Any]:
             release_own(job.connection, retrain_key(project, set_number), job.id)
 
 
+def read_ahead_job(project: int, set_number: int) -> dict[str, Any]:
+    """rq job: read the project's labelled wafers while engineers label the open set, so that
+    the set's retraining reads only what changed since (`backend.label_reads`).
+
+    Enqueued once a set is opened (its auto labels made): the copy then holds every earlier
+    set and the open set's auto labels, and the retraining after its last label asks Label
+    Studio for the tasks changed since this read began (the engineers' labels) instead of
+    every task of the set, or of the whole project the first time. A read ahead that fails
+    or is overtaken loses nothing: the retraining reads in full when the copy is missing or
+    disagrees with Label Studio's own count."""
+    with open_job_resources(project) as resources:
+        read = read_labelled_tasks(
+            resources.client,
+            resources.wafers,
+            resources.settings.model_dir,
+            project,
+            set_number,
+            resources.labels.image_value,
+        )
+        return {"action": "read-ahead", "set": set_number, "label_read": read.summary()}
+
+
 def sweep_job() -> dict[str, list[int]]:
     """rq job: the periodic reconcile (`backend.reconcile.sweep`): one advance requested for
     every project the loop knows (Redis's list and MODEL_DIR's stores) that Label Studio still
@@ -234,6 +260,9 @@ def advance(resources: JobResources, project: int, *, light: bool = False) -> di
                         "(a lost TASKS_CREATED?): pre-annotating them"
                     )
                 done.append(preannotate_set(resources, project, step.set_number, classifier))
+                # The open set's auto labels are made: read the labels ahead while engineers
+                # label its uncertain wafers (`read_ahead_job`).
+                request_read_ahead(resources.redis, project, step.set_number)
                 continue
             routing = (
                 resources.wafers.routing(open_set, card.version)

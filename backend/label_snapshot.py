@@ -8,8 +8,9 @@ for what changed since (`backend.label_reads`). Layout:
     MODEL_DIR/projects/<id>/labelled-tasks.json.gz
 
 gzip'd JSON: the project, the sets read whole (`through_set`), when the read began, and each
-labelled task as the export gave it, slimmed to what the loop reads (id, data, and per
-annotation its id, users, cancelled flag, parent prediction and result). A task's picture is left
+labelled task as the export gave it, slimmed to what the loop reads (id, when Label Studio last
+changed it, data, and per annotation its id, users, cancelled flag, parent prediction and
+result). A task's picture is left
 out where the wafer store holds its die map. Written atomically; a file that cannot be read is
 reported and ignored (the next read is then a full export), never trusted in part.
 """
@@ -58,13 +59,15 @@ def snapshot_path(model_dir: Path, project: int) -> Path:
 
 
 def slim_task(task: Mapping[str, Any], picture_key: str | None) -> dict[str, Any]:
-    """The task with what the loop reads: its id, its data (without `picture_key`, when given)
+    """The task with what the loop reads: its id, `updated_at` (what the next read compares),
+    its data (without `picture_key`, when given)
     and its annotations' `ANNOTATION_KEYS`; predictions are not kept (the export has none)."""
     data = dict(task.get("data") or {})
     if picture_key is not None:
         data.pop(picture_key, None)
     return {
         "id": int(task["id"]),
+        "updated_at": task.get("updated_at"),
         "data": data,
         "predictions": [],
         "annotations": [

@@ -56,6 +56,9 @@ ADVANCE_DEBOUNCE_S = 600
 #: The rq entry points (see backend.jobs).
 ADVANCE_JOB = "backend.jobs.advance_job"
 RETRAIN_JOB = "backend.jobs.retrain_job"
+READ_AHEAD_JOB = "backend.jobs.read_ahead_job"
+#: How long a read ahead of the labels may run before rq stops it.
+READ_AHEAD_TIMEOUT_S = 3600
 #: Expiry of a running job's heartbeat key and of the project lock; both are renewed every
 #: third of it by the job that holds them, so a dead holder is noticed within this many seconds.
 HEARTBEAT_TTL_S = 15
@@ -108,6 +111,10 @@ def lock_key(project: int) -> str:
 
 def retrain_job_id(project: int, set_number: int) -> str:
     return f"wafermap-retrain-p{project}-set{set_number}"
+
+
+def read_ahead_job_id(project: int, set_number: int) -> str:
+    return f"wafermap-read-ahead-{project}-{set_number}"
 
 
 def heartbeat_key(job_id: str) -> str:
@@ -472,6 +479,26 @@ def request_retrain(redis: Redis, project: int, set_number: int) -> bool:
         redis.delete(key)
         raise
     log.info("retraining of project %d through set %d enqueued", project, set_number)
+    return True
+
+
+def request_read_ahead(redis: Redis, project: int, set_number: int) -> bool:
+    """Enqueue one `read_ahead_job` for the open set (on the training queue, so that it never
+    holds up an advance); False when one for it waits or runs already, or its retraining is
+    already asked for (that reads the labels itself)."""
+    job_id = read_ahead_job_id(project, set_number)
+    if job_alive(redis, job_id) or retrain_pending(redis, project, set_number):
+        return False
+    _forget_dead_job(redis, job_id)
+    Queue(TRAINING_QUEUE, connection=redis).enqueue(
+        READ_AHEAD_JOB,
+        project,
+        set_number,
+        job_id=job_id,
+        job_timeout=READ_AHEAD_TIMEOUT_S,
+        description=f"read the labels of project {project} ahead, through open set {set_number}",
+    )
+    log.info("read-ahead of project %d's labels through set %d enqueued", project, set_number)
     return True
 
 

@@ -36,6 +36,7 @@ def test_results_table_totals() -> None:
             opening_seconds=12.3,
             retraining_job_seconds=140.2,
             label_read_seconds=55.6,
+            read_ahead_seconds=80.4,
         ),
     ]
     table = results_table(rows)
@@ -46,7 +47,7 @@ def test_results_table_totals() -> None:
         "| 2 | 100 | 30 (30.0%) | 10 | 100.00% (69.15%-100.00%) | 70 | 0 | 100.00% | met" in table
     )
     assert "| all | 200 | 90 (45.0%) | 10 | | 110 | 1 | 99.50% | 1 of 2 met | | | | | | |" in table
-    assert "| 90.00% | 61 s | 140 s (56 s) | 12 s |" in table
+    assert "| 90.00% | 61 s | 140 s (56 s; ahead 80 s) | 12 s |" in table
     assert "| 30.0 s | - | - | - | - |" in table
     figures = report(rows)
     assert figures["sets_below_target"] == 1 and figures["engineer_share"] == 0.45
@@ -55,6 +56,7 @@ def test_results_table_totals() -> None:
     assert (two["model_accuracy"], two["retrain_seconds"]) == (0.9, 61.4)
     assert (two["opening_seconds"], figures["sets"][0]["opening_seconds"]) == (12.3, None)
     assert (two["retraining_job_seconds"], two["label_read_seconds"]) == (140.2, 55.6)
+    assert (two["read_ahead_seconds"], figures["sets"][0]["read_ahead_seconds"]) == (80.4, None)
     assert two["audited_interval"][0] == pytest.approx(0.025 ** (1 / 10))
     assert figures["sets"][0]["audited_interval"] is None
 
@@ -104,13 +106,19 @@ def test_job_figures_are_kept_across_a_resume_the_larger_per_set(tmp_path: Path)
     # A run from before the retraining figures were kept: its opening seconds still count.
     (tmp_path / OPENINGS_FILE).write_text('{"1": 80.5}')
     older = seen_job_seconds(tmp_path)
-    assert older == {"opening": {1: 80.5}, "retraining": {}, "label_read": {}}
-    now = {"opening": {1: 20.0, 2: 90.0}, "retraining": {1: 140.0}, "label_read": {1: 50.0}}
+    assert older == {"opening": {1: 80.5}, "retraining": {}, "label_read": {}, "read_ahead": {}}
+    now = {
+        "opening": {1: 20.0, 2: 90.0},
+        "retraining": {1: 140.0},
+        "label_read": {1: 50.0},
+        "read_ahead": {1: 30.0},
+    }
     merged = more_job_seconds(older, now)
     assert merged == {
         "opening": {1: 80.5, 2: 90.0},
         "retraining": {1: 140.0},
         "label_read": {1: 50.0},
+        "read_ahead": {1: 30.0},
     }
     keep_job_seconds(tmp_path, merged)
     assert seen_job_seconds(tmp_path) == merged  # the new file wins over the old one

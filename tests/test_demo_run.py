@@ -81,6 +81,8 @@ def test_the_demo_runs_stops_resumes_and_reports_each_set(tmp_path: Path) -> Non
     # every set is learnt by a retraining job, whose whole time holds its read of the labels
     for s in report["sets"]:
         assert 0 < s["label_read_seconds"] < s["retraining_job_seconds"], s
+    # each set's labels were read ahead while it was labelled
+    assert all(s["read_ahead_seconds"] > 0 for s in report["sets"]), report["sets"]
     assert report["wafers"] == 300
     assert report["engineer_labels"] == sum(s["engineer_labels"] for s in report["sets"])
     table = (out / "results.md").read_text()

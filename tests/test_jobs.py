@@ -21,7 +21,9 @@ from backend.loop_keys import (
     EVENTS_QUEUE,
     TRAINING_QUEUE,
     advance_key,
+    read_ahead_job_id,
     request_advance,
+    request_read_ahead,
     request_retrain,
     retrain_job_id,
     retrain_key,
@@ -319,6 +321,24 @@ def test_request_retrain_from_many_threads_enqueues_once(redis: Redis) -> None:
     assert sorted(queue.job_ids) == sorted(
         [retrain_job_id(5, 2), retrain_job_id(5, 3), retrain_job_id(6, 2)]
     )
+
+
+def test_request_read_ahead_enqueues_once_and_never_beside_the_sets_retraining(
+    redis: Redis,
+) -> None:
+    queue = Queue(TRAINING_QUEUE, connection=redis)
+    assert request_read_ahead(redis, 7, 1)
+    assert not request_read_ahead(redis, 7, 1)  # one waits already
+    assert queue.job_ids == [read_ahead_job_id(7, 1)]
+    assert request_read_ahead(redis, 7, 2)  # another set's is its own
+    # a set whose retraining is already asked for is read by that retraining
+    assert request_retrain(redis, 8, 1)
+    assert not request_read_ahead(redis, 8, 1)
+    assert queue.job_ids == [read_ahead_job_id(7, 1), read_ahead_job_id(7, 2), retrain_job_id(8, 1)]
+    # once the waiting one is gone (finished, failed), a new one may be enqueued
+    queue.remove(read_ahead_job_id(7, 1))
+    queue.fetch_job(read_ahead_job_id(7, 1)).delete()
+    assert request_read_ahead(redis, 7, 1)
 
 
 def test_request_retrain_on_a_dead_redis_raises() -> None:

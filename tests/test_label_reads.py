@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,54 @@ def test_changes_since_the_last_read_give_what_a_full_export_gives(
     fourth = read(ls, store, tmp_path, project, 2)
     assert (fourth.how, fourth.asked) == ("changes", 0)
     assert labels_by_task(fourth.tasks) == labels_by_task(third.tasks)
+
+
+@pytest.mark.e2e
+def test_a_read_ahead_of_the_open_set_leaves_its_retraining_only_the_engineers_labels(
+    ls: LabelStudioClient,
+    label_config: LabelConfig,
+    wafer_project: tuple[int, list[int], WaferStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`backend.jobs.read_ahead_job`'s read: through the open set once its auto labels are made,
+    so that the retraining after its last label asks only for what engineers labelled since."""
+    project, ids, store = wafer_project
+    history, set_one = ids[:3], ids[3:6]
+    for task in history:
+        ls.accept_prediction(task, project, choice_result(label_config, "Center"), None)
+    read(ls, store, tmp_path, project, 0)
+    # Set 1 opens: two confident wafers auto-labelled in bulk, one left to engineers.
+    ls.create_predictions(
+        project,
+        [
+            {"task": t, "result": choice_result(label_config, "Donut"), "model_version": "v1"}
+            for t in set_one[:2]
+        ],
+    )
+    accepting = datetime.now(UTC)
+    ls.accept_predictions(project, set_one[:2], "v1")
+    # Label Studio's bulk accept marks the tasks changed (`updated_at`) like any label.
+    changed = ls.task_updates(project, [labelstudio.updated_since_filter(accepting)])
+    assert set(set_one[:2]) <= {t.task for t in changed}
+    ahead = read(ls, store, tmp_path, project, 1)
+    # the open set's tasks are asked for once, here, while its engineers work
+    assert (ahead.how, ahead.asked) == ("changes", len(set_one))
+    copy = load_snapshot(snapshot_path(tmp_path, project), project)
+    assert copy is not None and copy.through_set == 1
+
+    ls.accept_prediction(set_one[2], project, choice_result(label_config, "Loc"), None)
+    # Every task changed within the window (an hour: the whole project, the bulk accept of set
+    # 1 included), but only the one an engineer labelled since the read ahead differs from the
+    # copy: that one alone is asked for.
+    monkeypatch.setattr(label_reads, "OVERLAP", timedelta(hours=1))
+    window = copy.read_at - timedelta(hours=1)
+    recent = ls.task_updates(project, [labelstudio.updated_since_filter(window)])
+    assert {t.task for t in recent} == set(ids)
+    retraining = read(ls, store, tmp_path, project, 1)
+    assert (retraining.how, retraining.asked) == ("changes", 1)
+    assert labels_by_task(retraining.tasks) == labels_by_task(ls.labelled_tasks(project))
+    assert sorted(labels_by_task(retraining.tasks)) == history + set_one
 
 
 @pytest.mark.e2e

@@ -42,7 +42,7 @@ from backend.harness.stack import (
 from backend.jobs import WORKER_CLASS
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
-from backend.loop_keys import QUEUES, TRAINING_QUEUE, retrain_job_id
+from backend.loop_keys import QUEUES, TRAINING_QUEUE, read_ahead_job_id, retrain_job_id
 from backend.model_store import ModelStore
 from backend.projects import (
     ENGINEER_VIEW,
@@ -291,6 +291,15 @@ def test_labelling_set_1_retrains_once_and_opens_set_2(
     assert second == versions[1] and second.endswith("set1")
     job = Job.fetch(retrain_job_id(loop.project, 1), connection=loop.redis)
     assert job.get_status() == JobStatus.FINISHED
+    # Set 1's labels were read ahead while it was labelled (the copy of set 0 and set 1's auto
+    # labels), so its retraining read only the changes since; set 2's read ahead ran after it.
+    ahead = Job.fetch(read_ahead_job_id(loop.project, 1), connection=loop.redis)
+    assert ahead.get_status() == JobStatus.FINISHED
+    assert ahead.return_value()["label_read"]["tasks"] >= len(loop.plan.members(0))
+    assert job.return_value()["label_read"]["how"] == "changes"
+    following = Job.fetch(read_ahead_job_id(loop.project, 2), connection=loop.redis)
+    assert following.get_status() == JobStatus.FINISHED
+    assert following.return_value()["set"] == 2
     assert Queue(TRAINING_QUEUE, connection=loop.redis).count == 0
     card = loop.store.card(second)
     assert card.trained_through_set == 1

@@ -125,6 +125,8 @@ class SetRow:
     #: reported them (None when rq no longer kept the result).
     retraining_job_seconds: float | None = None
     label_read_seconds: float | None = None
+    #: The read ahead of the labels while this set was labelled (`backend.jobs.read_ahead_job`).
+    read_ahead_seconds: float | None = None
 
     @property
     def promise_met(self) -> bool:
@@ -228,14 +230,15 @@ def publish_first_model(
 
 
 #: Per-set figures read from the results of finished jobs (`finished_job_seconds`).
-JOB_FIGURES = ("opening", "retraining", "label_read")
+JOB_FIGURES = ("opening", "retraining", "label_read", "read_ahead")
 
 
 def finished_job_seconds(redis: Redis, project: int) -> dict[str, dict[int, float]]:
     """Per set, from the results rq still keeps of the project's finished jobs: `opening`, the
     seconds of its open step(s) (an advance's, or a retraining's follow-up advance); and for
     the retraining that learnt the set, `retraining` (the whole job) and `label_read` (its
-    read of the labelled wafers)."""
+    read of the labelled wafers); `read_ahead`, the read ahead of the labels while the set was
+    labelled."""
     from rq import Queue
     from rq.registry import FinishedJobRegistry
 
@@ -254,6 +257,14 @@ def finished_job_seconds(redis: Redis, project: int) -> dict[str, dict[int, floa
                 read = result.get("label_read")
                 if isinstance(read, dict) and read.get("seconds") is not None:
                     found["label_read"][number] = float(read["seconds"])
+            if (
+                result.get("action") == "read-ahead"
+                and job is not None
+                and job.args[:1] == (project,)
+                and isinstance(ahead := result.get("label_read"), dict)
+                and ahead.get("seconds") is not None
+            ):
+                found["read_ahead"][int(result["set"])] = float(ahead["seconds"])
             for outcome in (result, result.get("next")):
                 if not isinstance(outcome, dict) or outcome.get("project") != project:
                     continue
@@ -473,6 +484,7 @@ def run_demo(
                         opening_seconds=jobs["opening"].get(number),
                         retraining_job_seconds=jobs["retraining"].get(number),
                         label_read_seconds=jobs["label_read"].get(number),
+                        read_ahead_seconds=jobs["read_ahead"].get(number),
                     )
                 )
                 write_results(out, rows)
@@ -559,6 +571,7 @@ def report(rows: list[SetRow]) -> dict[str, Any]:
                 "opening_seconds": r.opening_seconds,
                 "retraining_job_seconds": r.retraining_job_seconds,
                 "label_read_seconds": r.label_read_seconds,
+                "read_ahead_seconds": r.read_ahead_seconds,
                 "engineer_seconds": r.engineer_seconds,
                 "next_set_seconds": r.next_set_seconds,
                 "wrong_auto_wafers": list(o.wrong_auto_wafers),
@@ -586,10 +599,13 @@ def _row_json(row: SetRow) -> dict[str, Any]:
     }
 
 
-def _job_cell(job: float | None, read: float | None) -> str:
+def _job_cell(job: float | None, read: float | None, ahead: float | None) -> str:
     if job is None:
         return "-"
-    return f"{job:.0f} s" + (f" ({read:.0f} s)" if read is not None else "")
+    notes = [f"{read:.0f} s"] if read is not None else []
+    if ahead is not None:
+        notes.append(f"ahead {ahead:.0f} s")
+    return f"{job:.0f} s" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def results_table(rows: list[SetRow]) -> str:
@@ -598,7 +614,7 @@ def results_table(rows: list[SetRow]) -> str:
         "| set | wafers | engineer labels | audit wafers | audited auto-label accuracy "
         "| auto labels | wrong auto labels | accuracy | promise | model version "
         "| last label -> next set ready | model accuracy | retraining (train) "
-        "| retraining job (label read) | opening |",
+        "| retraining job (label read; read ahead) | opening |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -617,7 +633,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| {r.next_set_seconds:.1f} s "
             f"| {'-' if o.model_accuracy is None else f'{o.model_accuracy:.2%}'} "
             f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} "
-            f"| {_job_cell(r.retraining_job_seconds, r.label_read_seconds)} "
+            f"| {_job_cell(r.retraining_job_seconds, r.label_read_seconds, r.read_ahead_seconds)} "
             f"| {'-' if r.opening_seconds is None else f'{r.opening_seconds:.0f} s'} |"
         )
     wafers = sum(r.outcome.wafers for r in rows)
