@@ -336,8 +336,9 @@ def test_request_read_ahead_enqueues_once_and_never_beside_the_sets_retraining(
     assert not request_read_ahead(redis, 8, 1)
     assert queue.job_ids == [read_ahead_job_id(7, 1), read_ahead_job_id(7, 2), retrain_job_id(8, 1)]
     # once the waiting one is gone (finished, failed), a new one may be enqueued
-    queue.remove(read_ahead_job_id(7, 1))
-    queue.fetch_job(read_ahead_job_id(7, 1)).delete()
+    waiting = queue.fetch_job(read_ahead_job_id(7, 1))
+    assert waiting is not None
+    waiting.delete(remove_from_queue=True)
     assert request_read_ahead(redis, 7, 1)
 
 
