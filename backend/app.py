@@ -602,6 +602,10 @@ def create_app(
         action = body.get("action")
         if not isinstance(action, str) or not action:
             _fail(400, "a webhook payload needs an 'action' string (e.g. ANNOTATION_CREATED)")
+        named = flask.request.args.get("project")
+        if named is not None and "project" not in body:
+            # The bulk events' webhook sends no payload: its URL names the project.
+            body = {**body, "project": named}
         return flask.jsonify(backend.webhook(body))
 
     @app.get("/metrics")

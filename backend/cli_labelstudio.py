@@ -27,6 +27,7 @@ from backend.loop_keys import request_advance
 from backend.model_store import ModelStore
 from backend.projects import (
     audit_table,
+    bulk_webhook_url,
     lookup_project_id,
     project_audits,
     project_status,
@@ -69,6 +70,10 @@ def run_label_studio_command(
             print(f"{verb} project {wiring.project} ({args.title!r}) at {url}")
             print(f"ML backend {wiring.ml_backend}: {settings.backend_url}")
             print(f"webhook {wiring.webhook}: {settings.backend_url}/webhook")
+            print(
+                f"webhook {wiring.bulk_webhook} (bulk events, no payload): "
+                f"{bulk_webhook_url(settings.backend_url, wiring.project)}"
+            )
             for title, view in wiring.views.items():
                 print(f"view {view}: {title}")
             return 0

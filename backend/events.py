@@ -6,7 +6,9 @@ loop's state asks for one `backend.jobs.advance_job` (debounced in Redis), and t
 at the project and does the right thing (retrain once per finished set, or open the next set).
 
 Events the backend's own annotations cause (its account is `completed_by`) are recognised and
-ignored, so accepting 500 wafers does not queue 500 jobs.
+ignored, so accepting 500 wafers does not queue 500 jobs. The bulk events (many annotations or
+tasks at once) come without payload (`backend.labelstudio.BULK_WEBHOOK_ACTIONS`): each asks for
+one full advance, which finds nothing to do after the backend's own accept step.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def handle_event(
     if action not in HANDLED_ACTIONS:
         return {"status": "ignored", "action": action}
     project = project_of(payload)
+    annotations = event_annotations(payload)
     if action in ANNOTATION_ACTIONS:
-        annotations = event_annotations(payload)
         own = auto_user()
         if annotations and own is not None and all(_user(a) == own for a in annotations):
             return {"status": "ignored", "action": action, "reason": "the backend's own labels"}
@@ -87,8 +89,11 @@ def handle_event(
             # Studio which wafers lack a prediction anyway (the mark is a hint for its report):
             # drop the mark so a delivered TASKS_CREATED is not reported as a lost one.
             redis.delete(opened_key(project))
-        # A person's label can only finish the open set: a light advance checks just that.
-        queued = request_advance(redis, project, light=action in ANNOTATION_ACTIONS)
+        # A person's label can only finish the open set: a light advance checks just that. A
+        # bulk event without payload may be anything (labelled history imported): a full one.
+        queued = request_advance(
+            redis, project, light=action in ANNOTATION_ACTIONS and bool(annotations)
+        )
     except RedisError as exc:
         raise QueueUnavailableError(
             f"{action} for project {project} was not queued: Redis is not reachable "

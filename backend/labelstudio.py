@@ -38,13 +38,15 @@ from label_studio_sdk.core.parse_error import ParsingError
 
 log = logging.getLogger(__name__)
 
-#: Events the ML backend's `/webhook` listens to (all are Label Studio webhook actions).
-WEBHOOK_ACTIONS: tuple[str, ...] = (
-    "ANNOTATION_CREATED",
-    "ANNOTATIONS_CREATED",
-    "ANNOTATION_UPDATED",
-    "TASKS_CREATED",
-)
+#: Events the ML backend's `/webhook` listens to with their payload: one annotation each, whose
+#: author decides what is queued (`backend.events`).
+WEBHOOK_ACTIONS: tuple[str, ...] = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+#: Events of many tasks at once, which the backend hears WITHOUT payload on a second webhook
+#: whose URL names the project (`backend.projects.bulk_webhook_url`). Label Studio serialises a
+#: payload's every annotation and task before it posts: 73% of its accept action on a set of
+#: 17,295 wafers (measured with py-spy, Label Studio 1.23.2 on PostgreSQL, 2 cores), and the
+#: tasks of every import chunk; the backend needs only the project of these events.
+BULK_WEBHOOK_ACTIONS: tuple[str, ...] = ("ANNOTATIONS_CREATED", "TASKS_CREATED")
 #: Tasks (and predictions) sent per import request.
 IMPORT_CHUNK = 500
 #: Tasks fetched per page when listing.
@@ -526,8 +528,11 @@ class LabelStudioClient:
         url: str,
         headers: Mapping[str, str],
         actions: Sequence[str] = WEBHOOK_ACTIONS,
+        *,
+        send_payload: bool = True,
     ) -> int:
-        """Send the project's `actions` with their payload to `url`, with `headers`.
+        """Send the project's `actions` to `url`, with `headers`, and with their payload when
+        `send_payload` (else the body is `{"action": ...}` alone).
 
         Idempotent: a webhook of this project with the same URL (e.g. the one connecting an ML
         backend registered) is updated instead of duplicated. Label Studio posts synchronously
@@ -536,7 +541,7 @@ class LabelStudioClient:
         payload: dict[str, Any] = {
             "url": url,
             "headers": dict(headers),
-            "send_payload": True,
+            "send_payload": send_payload,
             "send_for_all_actions": False,
             "actions": list(actions),
             "is_active": True,

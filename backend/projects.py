@@ -12,7 +12,9 @@ from typing import Any
 from backend.audit import SetAudit
 from backend.label_config import LabelConfig, parse_label_config
 from backend.labelstudio import (
+    BULK_WEBHOOK_ACTIONS,
     LABEL_STUDIO_TASK_COLUMNS,
+    WEBHOOK_ACTIONS,
     FilterOperator,
     LabelStudioClient,
     TaskFilter,
@@ -103,6 +105,8 @@ class Wiring:
     ml_backend: int
     webhook: int
     views: Mapping[str, int]
+    #: The webhook of the bulk events, without payload (`bulk_webhook_url`).
+    bulk_webhook: int | None = None
 
 
 def _route_is(route: str) -> TaskFilter:
@@ -116,10 +120,12 @@ def wire_project(
     backend_url: str,
     auto_user: int | None = None,
 ) -> Wiring:
-    """Find or create the project, connect the backend, register its webhook, make the views.
+    """Find or create the project, connect the backend, register its webhooks, make the views.
 
-    The webhook carries ``Authorization: Bearer <token>`` (`backend.webhook_auth`), which opens
-    the backend's ``/webhook`` only, and no header at all when the backend has no credentials.
+    Two webhooks: ``/webhook`` for one person's annotation at a time, with its payload, and
+    ``/webhook?project=<id>`` for the bulk events without payload (`bulk_webhook_url`). Both
+    carry ``Authorization: Bearer <token>`` (`backend.webhook_auth`), which opens the backend's
+    ``/webhook`` only, and no header at all when the backend has no credentials.
     Idempotent: running it again changes nothing that is already right. The labeling config
     comes from LABEL_CONFIG (label_config.xml); an existing project must have the same
     failure types.
@@ -149,11 +155,20 @@ def wire_project(
     # headers to every project member. Registering again replaces the headers stored before
     # (a Basic header of an older setup-project included).
     headers = webhook_headers(webhook_token(settings.basic_auth, settings.webhook_secret))
-    webhook = client.register_webhook(project, f"{url}/webhook", headers)
+    webhook = client.register_webhook(project, f"{url}/webhook", headers, WEBHOOK_ACTIONS)
+    bulk = client.register_webhook(
+        project, bulk_webhook_url(url, project), headers, BULK_WEBHOOK_ACTIONS, send_payload=False
+    )
     # The backend's account (whose labels are the auto labels): this client's user by default.
     backend_user = client.current_user_id() if auto_user is None else auto_user
     views = make_views(client, project, backend_user)
-    return Wiring(project, created, backend_id, webhook, views)
+    return Wiring(project, created, backend_id, webhook, views, bulk)
+
+
+def bulk_webhook_url(backend_url: str, project: int) -> str:
+    """The webhook URL of the project's bulk events (`BULK_WEBHOOK_ACTIONS`): they come without
+    payload, so the URL says whose they are."""
+    return f"{backend_url.rstrip('/')}/webhook?project={project}"
 
 
 def has_prediction() -> TaskFilter:

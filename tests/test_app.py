@@ -36,6 +36,7 @@ class FakeBackend:
     wrong_count: bool = False
     calls: list[tuple[str, Any]] = field(default_factory=list)
     projects: list[str | None] = field(default_factory=list)
+    payloads: list[dict[str, Any]] = field(default_factory=list)
 
     def versions(self, project: str | None) -> list[str]:
         self.calls.append(("versions", project))
@@ -74,6 +75,7 @@ class FakeBackend:
 
     def webhook(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         self.calls.append(("webhook", payload["action"]))
+        self.payloads.append(dict(payload))
         return {"status": "queued", "action": payload["action"]}
 
     def metrics(self) -> dict[str, Any]:
@@ -242,6 +244,19 @@ def test_webhook(client: FlaskClient, fake: FakeBackend) -> None:
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
     assert response.status_code == 200
     assert fake.calls == [("webhook", "ANNOTATION_CREATED"), ("webhook", "START_TRAINING")]
+
+
+def test_a_bulk_webhook_without_payload_takes_the_project_from_its_url(
+    client: FlaskClient, fake: FakeBackend
+) -> None:
+    response = client.post("/webhook?project=7", json={"action": "ANNOTATIONS_CREATED"})
+    assert response.status_code == 200
+    # a payload's own project wins over the URL's
+    client.post("/webhook?project=7", json={"action": "TASKS_CREATED", "project": {"id": 2}})
+    assert fake.payloads == [
+        {"action": "ANNOTATIONS_CREATED", "project": "7"},
+        {"action": "TASKS_CREATED", "project": {"id": 2}},
+    ]
 
 
 @pytest.mark.parametrize("payload", [{}, {"action": ""}, {"action": 3}, {"project": {"id": 1}}])

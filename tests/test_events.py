@@ -130,6 +130,18 @@ def test_new_wafers_make_a_queued_light_advance_full(redis: Redis) -> None:
     assert redis.exists(full_advance_key(6))
 
 
+def test_bulk_events_without_payload_ask_for_a_full_advance(redis: Redis) -> None:
+    """The bulk webhook (`backend.labelstudio.BULK_WEBHOOK_ACTIONS`) sends no annotations: whose
+    they were is unknown (the backend's accept step, or labelled history imported), so the
+    advance does its whole pass."""
+    for action, project in (("ANNOTATIONS_CREATED", "8"), ("TASKS_CREATED", "9")):
+        answer = handle_event({"action": action, "project": project}, redis, auto)
+        assert answer == {"status": "queued", "action": action, "project": int(project)}
+    jobs = sorted(j.args for j in Queue(EVENTS_QUEUE, connection=redis).jobs)
+    assert jobs == [(8, False), (9, False)]
+    assert redis.exists(full_advance_key(8)) and redis.exists(full_advance_key(9))
+
+
 def test_project_as_a_plain_id(redis: Redis) -> None:
     assert project_of({"action": "TASKS_CREATED", "project": 5}) == 5
     assert project_of({"action": "TASKS_CREATED", "project": "6"}) == 6

@@ -88,6 +88,7 @@ class FakeLabelStudio:
         self.hooks: dict[str, dict[str, str]] = {
             "http://127.0.0.1:9090/webhook": {"Authorization": f"Basic {old}"}
         }
+        self.payloads: dict[str, tuple[tuple[str, ...], bool]] = {}
 
     def find_project(self, title: str) -> int | None:
         return 4
@@ -99,10 +100,17 @@ class FakeLabelStudio:
         return [{"id": 9, "url": "http://127.0.0.1:9090"}]
 
     def register_webhook(
-        self, project: int, url: str, headers: Mapping[str, str], actions: Sequence[str] = ()
+        self,
+        project: int,
+        url: str,
+        headers: Mapping[str, str],
+        actions: Sequence[str] = (),
+        *,
+        send_payload: bool = True,
     ) -> int:
         self.hooks[url] = dict(headers)  # Label Studio replaces the stored headers
-        return 11
+        self.payloads[url] = (tuple(actions), send_payload)
+        return 11 if send_payload else 12
 
     def current_user_id(self) -> int:
         return 3
@@ -117,9 +125,10 @@ def test_setup_project_replaces_a_stored_basic_header_with_the_token(secret: str
     fake = FakeLabelStudio(settings.label_config_path.read_text())
     client = cast(LabelStudioClient, fake)
     wiring = wire_project(client, settings, "wafers", "http://127.0.0.1:9090/")
-    assert wiring.webhook == 11
-    [headers] = fake.hooks.values()
-    assert headers == {"Authorization": f"Bearer {webhook_token(AUTH, secret)}"}
+    assert (wiring.webhook, wiring.bulk_webhook) == (11, 12)
+    # both webhooks (one person's label with its payload; the bulk events without)
+    for headers in fake.hooks.values():
+        assert headers == {"Authorization": f"Bearer {webhook_token(AUTH, secret)}"}
     assert "Basic" not in json.dumps(fake.hooks)
     assert AUTH[1] not in json.dumps(fake.hooks)
 
@@ -127,8 +136,21 @@ def test_setup_project_replaces_a_stored_basic_header_with_the_token(secret: str
 def test_setup_project_without_credentials_registers_no_header() -> None:
     settings = Settings()
     fake = FakeLabelStudio(settings.label_config_path.read_text())
-    wire_project(cast(LabelStudioClient, fake), settings, "wafers", "http://127.0.0.1:9090")
-    assert fake.hooks == {"http://127.0.0.1:9090/webhook": {}}
+    wiring = wire_project(
+        cast(LabelStudioClient, fake), settings, "wafers", "http://127.0.0.1:9090"
+    )
+    assert fake.hooks == {
+        "http://127.0.0.1:9090/webhook": {},
+        f"http://127.0.0.1:9090/webhook?project={wiring.project}": {},
+    }
+    assert fake.payloads[f"http://127.0.0.1:9090/webhook?project={wiring.project}"] == (
+        ("ANNOTATIONS_CREATED", "TASKS_CREATED"),
+        False,
+    )
+    assert fake.payloads["http://127.0.0.1:9090/webhook"] == (
+        ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"),
+        True,
+    )
 
 
 # ---- the memory bound of parsing ----------------------------------------------------------------

@@ -29,12 +29,14 @@ from backend.harness.stack import (
 )
 from backend.label_config import DEFAULT_LABEL_CONFIG, LabelConfig, parse_label_config
 from backend.labelstudio import (
+    BULK_WEBHOOK_ACTIONS,
     WEBHOOK_ACTIONS,
     FilterOperator,
     LabelStudioClient,
     LabelStudioError,
     TaskFilter,
 )
+from backend.projects import bulk_webhook_url
 
 #: The top-level keys of the ANNOTATION_CREATED payload (send_payload=True), measured.
 ANNOTATION_CREATED_KEYS = {"action", "annotation", "project", "task"}
@@ -576,7 +578,10 @@ def test_start_training_is_not_a_webhook_action(ls: LabelStudioClient, project: 
 def test_webhook_payloads(
     ls: LabelStudioClient, project: Project, receiver: Receiver, label_config: LabelConfig
 ) -> None:
-    ls.register_webhook(project.id, receiver.url + "/webhook", {"Authorization": "Bearer hook"})
+    actions = ["TASKS_CREATED", *WEBHOOK_ACTIONS]
+    ls.register_webhook(
+        project.id, receiver.url + "/webhook", {"Authorization": "Bearer hook"}, actions
+    )
 
     ls.import_tasks(project.id, task_data(lot="HOOKED")[:2])
     created = receiver.wait_for("/webhook", "TASKS_CREATED")
@@ -599,6 +604,35 @@ def test_webhook_payloads(
     assert body["project"]["id"] == project.id
     assert "label_config" in body["project"] and "model_version" in body["project"]
     assert event.headers["Authorization"] == "Bearer hook"
+
+
+@pytest.mark.e2e
+def test_bulk_events_come_without_payload_to_the_url_that_names_the_project(
+    ls: LabelStudioClient, project: Project, receiver: Receiver, label_config: LabelConfig
+) -> None:
+    url = bulk_webhook_url(receiver.url, project.id)
+    ls.register_webhook(
+        project.id, url, {"Authorization": "Bearer hook"}, BULK_WEBHOOK_ACTIONS, send_payload=False
+    )
+    [stored] = [w for w in ls.webhooks(project.id) if w["url"] == url]
+    assert not stored["send_payload"] and set(stored["actions"]) == set(BULK_WEBHOOK_ACTIONS)
+    path = f"/webhook?project={project.id}"
+
+    ls.import_tasks(project.id, task_data(lot="BULK")[:2])
+    created = receiver.wait_for(path, "TASKS_CREATED")
+    assert created.body == {"action": "TASKS_CREATED"}
+    assert created.headers["Authorization"] == "Bearer hook"
+    tasks = project.task_ids[:3]
+    ls.create_predictions(
+        project.id,
+        [
+            {"task": t, "result": choice(label_config, "Donut"), "model_version": "v1"}
+            for t in tasks
+        ],
+    )
+    ls.accept_predictions(project.id, tasks, "v1")
+    accepted = receiver.wait_for(path, "ANNOTATIONS_CREATED")
+    assert accepted.body == {"action": "ANNOTATIONS_CREATED"}
 
 
 @pytest.mark.e2e
