@@ -59,6 +59,10 @@ def test_results_table_totals() -> None:
     assert (two["read_ahead_seconds"], figures["sets"][0]["read_ahead_seconds"]) == (80.4, None)
     assert two["audited_interval"][0] == pytest.approx(0.025 ** (1 / 10))
     assert figures["sets"][0]["audited_interval"] is None
+    # a set finished before a --resume: its next-set time was not seen, and says so
+    unseen = SetRow(SetCheck(1, 100, 60, 40, 1, 0, "v001-set0"), 5.0, None)
+    assert "| v001-set0 | - |" in results_table([unseen])
+    assert report([unseen])["sets"][0]["next_set_seconds"] is None
 
 
 def test_the_demo_plan_is_a_history_plus_sets_of_the_asked_size() -> None:

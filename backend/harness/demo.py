@@ -109,7 +109,9 @@ STATE_FILE = "demo-state.json"
 class SetRow:
     outcome: SetCheck
     engineer_seconds: float  # labelling the uncertain wafers through the SDK
-    next_set_seconds: float  # last label -> next set pre-annotated and accepted
+    #: Last label -> next set pre-annotated and accepted; None when this run did not see the
+    #: last label (a set finished before a --resume).
+    next_set_seconds: float | None
     #: The set's blind audit as the retraining recorded it (None: audits off).
     audit: SetAudit | None = None
     #: The prediction score at and above which the set's wafers were auto-labelled.
@@ -454,7 +456,9 @@ def run_demo(
                     person, wiring.project, number, truth, labels, config.engineers
                 )
                 engineer_seconds = time.monotonic() - start
-                next_seconds = wait_until_idle(redis, wiring.project, config.set_timeout_s)
+                waited = wait_until_idle(redis, wiring.project, config.set_timeout_s)
+                # A resumed run that found the set finished did not see its last label.
+                next_seconds = waited if labelled or state is None else None
                 jobs = more_job_seconds(jobs, finished_job_seconds(redis, wiring.project))
                 keep_job_seconds(out, jobs)
                 outcome = set_outcome(
@@ -491,8 +495,12 @@ def run_demo(
                 say(
                     f"set {number}: {outcome.engineer} engineer labels ({labelled} now), "
                     f"{outcome.auto} auto labels, {outcome.auto_errors} wrong, model "
-                    f"{outcome.model_version}; next set ready {next_seconds:.1f} s after the "
-                    "last engineer label"
+                    f"{outcome.model_version}; "
+                    + (
+                        f"next set ready {next_seconds:.1f} s after the last engineer label"
+                        if next_seconds is not None
+                        else "finished before this run resumed (next-set time not seen)"
+                    )
                 )
     return rows
 
@@ -630,7 +638,7 @@ def results_table(rows: list[SetRow]) -> str:
             f"| {o.set_number} | {o.wafers} | {o.engineer} ({o.engineer_ratio:.1%}) | {audited} "
             f"| {audit_accuracy} | {o.auto} | {o.auto_errors} | {o.accuracy:.2%} "
             f"| {'met' if r.promise_met else 'MISSED'} | {o.model_version} "
-            f"| {r.next_set_seconds:.1f} s "
+            f"| {'-' if r.next_set_seconds is None else f'{r.next_set_seconds:.1f} s'} "
             f"| {'-' if o.model_accuracy is None else f'{o.model_accuracy:.2%}'} "
             f"| {'-' if r.retrain_seconds is None else f'{r.retrain_seconds:.0f} s'} "
             f"| {_job_cell(r.retraining_job_seconds, r.label_read_seconds, r.read_ahead_seconds)} "
