@@ -113,8 +113,12 @@ def retrain_job_id(project: int, set_number: int) -> str:
     return f"wafermap-retrain-p{project}-set{set_number}"
 
 
+#: The id of every read ahead of the labels starts so (`read_ahead_job_id`).
+READ_AHEAD_PREFIX = "wafermap-read-ahead-"
+
+
 def read_ahead_job_id(project: int, set_number: int) -> str:
-    return f"wafermap-read-ahead-{project}-{set_number}"
+    return f"{READ_AHEAD_PREFIX}{project}-{set_number}"
 
 
 def heartbeat_key(job_id: str) -> str:

@@ -342,6 +342,18 @@ def test_request_read_ahead_enqueues_once_and_never_beside_the_sets_retraining(
     assert request_read_ahead(redis, 7, 1)
 
 
+def test_a_read_ahead_keeps_the_loop_busy_only_where_background_work_counts(
+    redis: Redis,
+) -> None:
+    from backend.harness.simulated_engineers import loop_busy
+
+    assert not loop_busy(redis)
+    assert request_read_ahead(redis, 7, 1)
+    assert loop_busy(redis) and not loop_busy(redis, background=False)
+    assert request_retrain(redis, 7, 1)  # queued behind it: engineers wait for that one
+    assert loop_busy(redis, background=False)
+
+
 def test_request_retrain_on_a_dead_redis_raises() -> None:
     dead = Redis.from_url(DEAD_REDIS_URL)
     with pytest.raises(RedisConnectionError):

@@ -456,7 +456,9 @@ def run_demo(
                     person, wiring.project, number, truth, labels, config.engineers
                 )
                 engineer_seconds = time.monotonic() - start
-                waited = wait_until_idle(redis, wiring.project, config.set_timeout_s)
+                waited = wait_until_idle(
+                    redis, wiring.project, config.set_timeout_s, background=False
+                )
                 # A resumed run that found the set finished did not see its last label.
                 next_seconds = waited if labelled or state is None else None
                 jobs = more_job_seconds(jobs, finished_job_seconds(redis, wiring.project))

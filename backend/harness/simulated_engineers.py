@@ -19,36 +19,49 @@ from rq.registry import StartedJobRegistry
 
 from backend.label_config import LabelConfig
 from backend.labelstudio import LabelStudioClient
-from backend.loop_keys import QUEUES, advance_key, job_alive
+from backend.loop_keys import QUEUES, READ_AHEAD_PREFIX, advance_key, job_alive
 from backend.loop_state import label_of
 from backend.wafer_sets import choice_result
 
 
-def loop_busy(redis: Redis) -> bool:
+def loop_busy(redis: Redis, *, background: bool = True) -> bool:
     """True while a loop job is queued or running (any project). A job that rq still lists as
-    started but whose worker was killed does not count (`backend.loop_keys.job_alive`)."""
+    started but whose worker was killed does not count (`backend.loop_keys.job_alive`).
+    Without `background`, the reads ahead of the labels (`backend.jobs.read_ahead_job`, which
+    engineers never wait for) do not count either."""
+
+    def counts(job_id: str) -> bool:
+        return background or not job_id.startswith(READ_AHEAD_PREFIX)
+
     for name in QUEUES:
         queue = Queue(name, connection=redis)
-        if queue.count:
+        if any(counts(job_id) for job_id in queue.job_ids):
             return True
         started = StartedJobRegistry(queue=queue).get_job_ids()
-        if any(job_alive(redis, job_id) for job_id in started):
+        if any(counts(job_id) and job_alive(redis, job_id) for job_id in started):
             return True
     return False
 
 
 def wait_until_idle(
-    redis: Redis, project: int, timeout: float, *, settle: float = 1.5, poll: float = 0.5
+    redis: Redis,
+    project: int,
+    timeout: float,
+    *,
+    settle: float = 1.5,
+    poll: float = 0.5,
+    background: bool = True,
 ) -> float:
     """Wait until no loop job is queued or running and none was asked for during `settle`
     seconds (webhooks arrive a moment after the annotations that cause them). Returns the
     seconds until the loop went quiet (the settling time not counted); TimeoutError after
-    `timeout`."""
+    `timeout`. Without `background`, a read ahead of the labels still running counts as quiet:
+    the next set is ready for engineers once it is opened."""
     start = time.monotonic()
     quiet_since: float | None = None
     while True:
         now = time.monotonic()
-        busy = loop_busy(redis) or bool(redis.exists(advance_key(project)))
+        busy = loop_busy(redis, background=background) or bool(redis.exists(advance_key(project)))
         if busy:
             quiet_since = None
         elif quiet_since is None:
