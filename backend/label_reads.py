@@ -7,8 +7,7 @@ measured in the full-scale run). The last read is kept (`backend.label_snapshot`
 one asks Label Studio only for
 
 - every task of the sets after those read whole up to the one retrained (the set just finished,
-  whose auto labels were made in bulk and so never touched the task's `updated_at`), found in
-  the wafer store, and
+  unless a read ahead read it, `backend.jobs.read_ahead_job`), found in the wafer store, and
 - every task Label Studio changed since the last read began, less `OVERLAP` (`updated_at`: an
   engineer's label, an edit, a deletion through the API, a bulk accept), unless the copy holds
   it as last changed (the same `updated_at`),

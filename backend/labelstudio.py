@@ -152,8 +152,9 @@ def set_filter(set_number: int) -> TaskFilter:
 
 def updated_since_filter(when: datetime) -> TaskFilter:
     """Tasks Label Studio changed after `when` (`updated_at`): an annotation saved, updated or
-    deleted through the API, a prediction stored. Annotations made in bulk (accepting
-    predictions) leave `updated_at` as it was."""
+    deleted through the API, a prediction stored, and Label Studio 1.23.2's bulk accept of
+    predictions (its action sets `updated_at` on every task it labels: checked in
+    tests/test_label_reads.py)."""
     utc = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # the Data Manager's format
     return TaskFilter("updated_at", FilterOperator.GREATER, "Datetime", utc)
 
