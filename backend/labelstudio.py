@@ -809,31 +809,34 @@ class LabelStudioClient:
         the annotations travel. Measured on Label Studio 1.23.2 on PostgreSQL (2 cores): the
         17,295 ids of one set in 11.7 s (1,480 tasks/s; with their pictures, 93 s).
         """
-        query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
         with self._call(f"listing task ids of project {project}"):
-            pager: Iterable[Any] = self._sdk.tasks.list(
-                project=project, query=query, include="id", page_size=ID_PAGE_SIZE
-            )
-            return sorted(int(task.id) for task in pager)
+            return sorted(int(task.id) for task in self._task_fields(project, filters, "id"))
 
     def task_updates(self, project: int, filters: Sequence[TaskFilter] = ()) -> list[TaskStamp]:
         """When Label Studio last changed each task matching all `filters` (`updated_at`) and how
         many annotations its counters hold, by task id, without any task content (as
         `task_ids`, with three more fields)."""
-        query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
         fields = "id,updated_at,total_annotations,cancelled_annotations"
         with self._call(f"listing task changes of project {project}"):
-            pager: Iterable[Any] = self._sdk.tasks.list(
-                project=project, query=query, include=fields, page_size=ID_PAGE_SIZE
-            )
             return [
                 TaskStamp(
                     int(task.id),
                     utc_time(task.updated_at),
                     int(task.total_annotations or 0) + int(task.cancelled_annotations or 0),
                 )
-                for task in pager
+                for task in self._task_fields(project, filters, fields)
             ]
+
+    def _task_fields(
+        self, project: int, filters: Sequence[TaskFilter], include: str
+    ) -> Iterable[Any]:
+        """The Data Manager's tasks matching all `filters` by id, with the `include` fields only
+        (pages of `ID_PAGE_SIZE`, fetched as iterated: iterate inside `_call`)."""
+        query = json.dumps({"filters": _filters_query(filters), "ordering": ["tasks:id"]})
+        pager: Iterable[Any] = self._sdk.tasks.list(
+            project=project, query=query, include=include, page_size=ID_PAGE_SIZE
+        )
+        return pager
 
     def tasks_of_set(
         self, project: int, set_number: int, *, only_unlabelled: bool = False
