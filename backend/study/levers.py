@@ -6,6 +6,9 @@ class-aware drawing, a committee, another backbone (prints a table; issue 16 ite
     # then, on this machine or one with a GPU (the pack and the unlabelled codes travel)
     python -m backend.study.levers run --pack runs/levers-pack --out runs/levers.json \\
         [--pretrain-epochs 4] [--only cnn48-e20 cnn48-e20-pre ...] [--device cuda]
+    # a committee of any members already run, scored from their kept probabilities
+    python -m backend.study.levers committee --pack runs/levers-pack --out runs/levers.json \\
+        --name e40-x2 cnn48-e40-x3-seed0 cnn48-e40-x3-seed1
 
 Every lever trains on the training part of the study's initial set (the first phase of
 `python -m backend simulate` at --subsample 1.0 --seed 0: ~15,570 wafers after the stratified 10%
@@ -15,6 +18,11 @@ that must go to engineers, least sure first (margin of the served probabilities)
 reach the published method's best accuracy. That share is the best any cut on the score can do
 (chosen with set 1's truth, `routing_methods.engineer_share_for`): it ranks levers, it is not a
 calibrated figure. Training seconds are wall and process CPU seconds on the device used.
+
+Each member's probabilities of set 1's 8 symmetric drawings are kept beside --out (in
+`<out stem>-probs/`), so the table also scores every drawing averaged (test-time augmentation,
+routed by margin and by the served eight-views measure) and, for a committee, routing by its
+members' disagreement alone (query by committee); `committee` scores any mix of kept members.
 
 The pretrained start comes from `backend.pretraining` on the 638,507 wafers without a label
 (never a labelled wafer): from the data file, or on a machine without it from `--unlabelled`, the
@@ -57,6 +65,8 @@ TARGET_ACCURACY = 0.9957
 #: Parts of the pack: training wafers of the initial set, its held-out 10%, set 1.
 TRAIN, HELD_OUT, SET_1 = 0, 1, 2
 PRETRAIN_SIZE = 48
+#: Symmetric drawings of each set-1 wafer scored (test-time augmentation).
+VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,7 @@ LEVERS = (
     Lever("cnn96-e20", image_size=96),
     Lever("cnn48-e20-x3", seeds=(0, 1, 2)),
     Lever("cnn48-e20-pre-x3", pretrained=True, seeds=(0, 1, 2)),
+    Lever("cnn48-e40-x3", epochs=40, seeds=(0, 1, 2)),
     Lever("r50-48-e20", backbone="resnet50"),
     Lever("r50-64-e5", backbone="resnet50", image_size=64, epochs=5),
     Lever("r50-224-e5", backbone="resnet50", image_size=224, epochs=5),
@@ -168,6 +179,40 @@ def lever_scores(
     }
 
 
+def committee_scores(
+    members: npt.NDArray[np.floating], true: npt.NDArray[np.integer], n_classes: int
+) -> dict[str, Any]:
+    """Set-1 scores of a committee's probabilities ``(members, views, wafers, classes)``.
+
+    ``set1_*``: the first drawing, members averaged (what the served model sees today).
+    ``set1_views8_*``: every drawing and member averaged (test-time augmentation); its
+    ``engineer_share_agreement`` routes by the served eight-views measure over all members'
+    drawings (low mean margin or members and drawings that disagree go first). With more than
+    one member, ``set1_members`` holds each member's own first-drawing scores and
+    ``set1_disagreement_engineer_share`` routes by query by committee alone: the mean KL
+    divergence of each member from the consensus (McCallum and Nigam 1998)."""
+    probs = members.astype(np.float64)
+    probs /= probs.sum(axis=-1, keepdims=True)  # float16 storage rounds the rows a little
+    out: dict[str, Any] = {
+        f"set1_{k}": v for k, v in lever_scores(probs[:, 0].mean(0), true, n_classes).items()
+    }
+    all_views = probs.mean((0, 1))
+    out |= {f"set1_views8_{k}": v for k, v in lever_scores(all_views, true, n_classes).items()}
+    drawings = probs.reshape(-1, *probs.shape[2:])
+    out["set1_views8_engineer_share_agreement"] = engineer_share_for(
+        uncertainty(drawings, Measure.EIGHT_VIEWS), all_views.argmax(1), true, TARGET_ACCURACY
+    )
+    if len(probs) > 1:
+        first = probs[:, 0]
+        out["set1_members"] = [lever_scores(m, true, n_classes) for m in first]
+        consensus = first.mean(0)
+        kl = (first * (np.log(np.clip(first, 1e-12, None)) - np.log(consensus))).sum(2).mean(0)
+        out["set1_disagreement_engineer_share"] = engineer_share_for(
+            kl, consensus.argmax(1), true, TARGET_ACCURACY
+        )
+    return out
+
+
 class Bench:
     """The pack, encoded lazily per input size, and the results file."""
 
@@ -203,19 +248,21 @@ class Bench:
         codes = self.codes(lever.image_size)
         train = np.flatnonzero(self.parts == TRAIN)
         test = np.flatnonzero(self.parts == SET_1)
-        probs = np.zeros((len(test), n_classes))
         seconds = cpu_seconds = 0.0
         if lever.pseudo_label_confidence > 0:
             if unlabelled is None or lever.image_size != PRETRAIN_SIZE:
                 raise ValueError(f"{lever.name} needs the unlabelled codes at {PRETRAIN_SIZE}")
             return self.self_train(lever, codes, train, test, unlabelled)
         true = self.true[train]
+        members = []
         for seed in lever.seeds:
             start = weights if lever.pretrained else None
             model, s, c = self._train(lever, codes[train], true, lever.epochs, true, seed, start)
             seconds += s
             cpu_seconds += c
-            probs += model.predict_proba(codes[test]) / len(lever.seeds)
+            views = model.predict_views(codes[test], VIEWS).astype(np.float16)
+            self.save_member(lever.name, seed, views)
+            members.append(views)
         return {
             "lever": dataclasses.asdict(lever),
             "train_wafers": len(train),
@@ -223,8 +270,45 @@ class Bench:
             "train_seconds": seconds,
             "train_cpu_seconds": cpu_seconds,
             "device": str(self.device),
-            **{f"set1_{k}": v for k, v in lever_scores(probs, self.true[test], n_classes).items()},
+            **committee_scores(np.stack(members), self.true[test], n_classes),
         }
+
+    @property
+    def probs_folder(self) -> Path:
+        """Where each committee member's set-1 probabilities are kept."""
+        return self.out.with_name(self.out.stem + "-probs")
+
+    def committee(self, name: str, members: list[str]) -> dict[str, Any]:
+        """Score a committee of members already run (``<lever>-seed<k>``, as kept in
+        `probs_folder`): training seconds are each member's share of its lever's seconds."""
+        missing = [m for m in members if not (self.probs_folder / f"{m}.npy").is_file()]
+        if missing:
+            kept = sorted(f.stem for f in self.probs_folder.glob("*.npy"))
+            raise ValueError(f"no probabilities for {missing}; kept: {', '.join(kept) or 'none'}")
+        stacked = np.stack([np.load(self.probs_folder / f"{m}.npy") for m in members])
+        test = np.flatnonzero(self.parts == SET_1)
+        seconds = cpu_seconds = 0.0
+        for member in members:
+            run = self.results[member.rpartition("-seed")[0]]
+            seconds += run["train_seconds"] / len(run["lever"]["seeds"])
+            cpu_seconds += run["train_cpu_seconds"] / len(run["lever"]["seeds"])
+        return {
+            "lever": {"name": name, "members": members},
+            "train_wafers": int(np.sum(self.parts == TRAIN)),
+            "set1_wafers": len(test),
+            "train_seconds": seconds,
+            "train_cpu_seconds": cpu_seconds,
+            "device": "",
+            **committee_scores(stacked, self.true[test], len(self.classes)),
+        }
+
+    def save_member(self, lever: str, seed: int, views: npt.NDArray[np.float16]) -> None:
+        """One member's set-1 probabilities (views, wafers, classes) beside --out, so committees
+        of any size can be scored again without training (the reported figures are scored on
+        these very float16 values)."""
+        folder = self.probs_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{lever}-seed{seed}.npy", views)
 
     def _train(
         self,
@@ -328,15 +412,31 @@ def affordable(
 
 
 LEVER_HEADER = (
-    f"{'lever':18} {'set1 acc':>8} {'F1':>6} {'engineer @99.57%':>16} {'train s':>8} {'CPU s':>8}"
+    f"{'lever':18} {'set1 acc':>8} {'F1':>6} {'engineer @99.57%':>16} "
+    f"{'8 views acc':>11} {'F1':>6} {'engineer':>8} {'agree':>7} {'QBC':>7} "
+    f"{'train s':>8} {'CPU s':>8}"
 )
 
 
+def _share(r: dict[str, Any], key: str) -> str:
+    return f"{100 * r[key]:6.2f}%" if key in r else f"{'-':>7}"
+
+
 def lever_row(r: dict[str, Any]) -> str:
+    """One lever's line: one drawing, then 8 drawings (accuracy, F1, engineer share by margin and
+    by the eight-views agreement), query by committee; blanks where a run lacks the figure."""
+    views = (
+        f"{100 * r['set1_views8_accuracy']:10.2f}% {r['set1_views8_macro_f1']:6.3f} "
+        f"{100 * r['set1_views8_engineer_share']:7.2f}%"
+        if "set1_views8_accuracy" in r
+        else f"{'-':>11} {'-':>6} {'-':>8}"
+    )
     return (
         f"{r['lever']['name']:18} {100 * r['set1_accuracy']:7.2f}% {r['set1_macro_f1']:6.3f} "
-        f"{100 * r['set1_engineer_share']:15.2f}% {r['train_seconds']:8.0f} "
-        f"{r['train_cpu_seconds']:8.0f}"
+        f"{100 * r['set1_engineer_share']:15.2f}% {views} "
+        f"{_share(r, 'set1_views8_engineer_share_agreement')} "
+        f"{_share(r, 'set1_disagreement_engineer_share')} "
+        f"{r['train_seconds']:8.0f} {r['train_cpu_seconds']:8.0f}"
     )
 
 
@@ -361,7 +461,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget-seconds", type=float, help="start no lever after this many seconds")
     r.add_argument("--device", default="cpu")
     r.add_argument("--limit", type=int, help="only the first N wafers of each part (a quick look)")
+    c = sub.add_parser("committee", help="score a committee of members already run")
+    c.add_argument("--pack", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True, help="results JSON of the members' runs")
+    c.add_argument("--name", required=True, help="the committee's row in --out")
+    c.add_argument("members", nargs="+", help="<lever>-seed<k>, e.g. cnn48-e40-x3-seed1")
     args = parser.parse_args(argv)
+    if args.command == "committee":
+        bench = Bench(args.pack, torch.device("cpu"), args.out)
+        try:
+            bench.results[args.name] = bench.committee(args.name, args.members)
+        except (KeyError, ValueError) as exc:
+            parser.error(f"committee {args.name}: {exc}")
+        bench.save()
+        print(LEVER_HEADER)
+        print(lever_row(bench.results[args.name]))
+        return 0
     if args.command == "pack":
         from backend.settings import Settings
 
