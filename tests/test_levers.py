@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,11 @@ def test_committee_scores_by_views_and_by_disagreement() -> None:
     members[:, 0, 9] = _sure(1)
     members[0, :, 1] = _sure(1, p=0.6)
     members[1, :, 1] = _sure(0, p=0.55)
+    members[:, :, 2] = [0.9, 0.1, 0]  # a probability of exactly 0 (float16 rounds small ones so)
     true = np.zeros(n, dtype=np.int64)
-    scores = committee_scores(members.astype(np.float16), true, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0) on the way
+        scores = committee_scores(members.astype(np.float16), true, 3)
     assert scores["set1_accuracy"] == pytest.approx(0.8)  # wafers 1 and 9 wrong in drawing 0
     assert scores["set1_views8_accuracy"] == pytest.approx(0.9)  # wafer 9 put right
     assert [m["accuracy"] for m in scores["set1_members"]] == pytest.approx([0.8, 0.9])

@@ -206,7 +206,8 @@ def committee_scores(
         first = probs[:, 0]
         out["set1_members"] = [lever_scores(m, true, n_classes) for m in first]
         consensus = first.mean(0)
-        kl = (first * (np.log(np.clip(first, 1e-12, None)) - np.log(consensus))).sum(2).mean(0)
+        log_first, log_consensus = (np.log(np.clip(x, 1e-12, None)) for x in (first, consensus))
+        kl = (first * (log_first - log_consensus)).sum(2).mean(0)
         out["set1_disagreement_engineer_share"] = engineer_share_for(
             kl, consensus.argmax(1), true, TARGET_ACCURACY
         )
