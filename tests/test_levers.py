@@ -144,3 +144,8 @@ def test_a_committee_lever_keeps_each_members_probabilities(
         main([*pick[:-1], "cnn48-e20-x3-seed7"])
     assert exits.value.code == 2
     assert "cnn48-e20-x3-seed7" in capsys.readouterr().err
+    del both["cnn48-e20-x3"]  # its members kept, its run not finished (stopped mid-committee)
+    out.write_text(json.dumps(both))
+    with pytest.raises(SystemExit):
+        main(pick)
+    assert "cnn48-e20-x3 has not finished" in capsys.readouterr().err

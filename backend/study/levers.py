@@ -290,7 +290,10 @@ class Bench:
         test = np.flatnonzero(self.parts == SET_1)
         seconds = cpu_seconds = 0.0
         for member in members:
-            run = self.results[member.rpartition("-seed")[0]]
+            lever = member.rpartition("-seed")[0]
+            if lever not in self.results:
+                raise ValueError(f"{lever} has not finished in {self.out} (its seconds are needed)")
+            run = self.results[lever]
             seconds += run["train_seconds"] / len(run["lever"]["seeds"])
             cpu_seconds += run["train_cpu_seconds"] / len(run["lever"]["seeds"])
         return {
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args.pack, torch.device("cpu"), args.out)
         try:
             bench.results[args.name] = bench.committee(args.name, args.members)
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             parser.error(f"committee {args.name}: {exc}")
         bench.save()
         print(LEVER_HEADER)
