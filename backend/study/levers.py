@@ -57,7 +57,7 @@ from backend.sources.arrays import load_npz, save_npz
 from backend.study.metrics import confusion_matrix, macro_f1
 from backend.study.routing_methods import engineer_share_for
 from backend.training import TrainConfig, logit_adjustment, train_network
-from backend.uncertainty import Measure, uncertainty
+from backend.uncertainty import Measure, uncertainty, views_for
 from backend.wafers import WaferMaps
 
 #: The published method's best labeling accuracy, at which the engineer share is read.
@@ -65,8 +65,6 @@ TARGET_ACCURACY = 0.9957
 #: Parts of the pack: training wafers of the initial set, its held-out 10%, set 1.
 TRAIN, HELD_OUT, SET_1 = 0, 1, 2
 PRETRAIN_SIZE = 48
-#: Symmetric drawings of each set-1 wafer scored (test-time augmentation).
-VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -261,7 +259,8 @@ class Bench:
             model, s, c = self._train(lever, codes[train], true, lever.epochs, true, seed, start)
             seconds += s
             cpu_seconds += c
-            views = model.predict_views(codes[test], VIEWS).astype(np.float16)
+            drawings = views_for(Measure.EIGHT_VIEWS)  # all 8: test-time augmentation
+            views = model.predict_views(codes[test], drawings).astype(np.float16)
             self.save_member(lever.name, seed, views)
             members.append(views)
         return {
