@@ -191,8 +191,10 @@ def committee_scores(
     divergence of each member from the consensus (McCallum and Nigam 1998)."""
     probs = members.astype(np.float64)
     probs /= probs.sum(axis=-1, keepdims=True)  # float16 storage rounds the rows a little
+    first = probs[:, 0]
+    consensus = first.mean(0)
     out: dict[str, Any] = {
-        f"set1_{k}": v for k, v in lever_scores(probs[:, 0].mean(0), true, n_classes).items()
+        f"set1_{k}": v for k, v in lever_scores(consensus, true, n_classes).items()
     }
     all_views = probs.mean((0, 1))
     out |= {f"set1_views8_{k}": v for k, v in lever_scores(all_views, true, n_classes).items()}
@@ -201,9 +203,7 @@ def committee_scores(
         uncertainty(drawings, Measure.EIGHT_VIEWS), all_views.argmax(1), true, TARGET_ACCURACY
     )
     if len(probs) > 1:
-        first = probs[:, 0]
         out["set1_members"] = [lever_scores(m, true, n_classes) for m in first]
-        consensus = first.mean(0)
         log_first, log_consensus = (np.log(np.clip(x, 1e-12, None)) for x in (first, consensus))
         kl = (first * (log_first - log_consensus)).sum(2).mean(0)
         out["set1_disagreement_engineer_share"] = engineer_share_for(
@@ -254,12 +254,12 @@ class Bench:
             return self.self_train(lever, codes, train, test, unlabelled)
         true = self.true[train]
         members = []
+        drawings = views_for(Measure.EIGHT_VIEWS)  # all 8: test-time augmentation
         for seed in lever.seeds:
             start = weights if lever.pretrained else None
             model, s, c = self._train(lever, codes[train], true, lever.epochs, true, seed, start)
             seconds += s
             cpu_seconds += c
-            drawings = views_for(Measure.EIGHT_VIEWS)  # all 8: test-time augmentation
             views = model.predict_views(codes[test], drawings).astype(np.float16)
             self.save_member(lever.name, seed, views)
             members.append(views)
